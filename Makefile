@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch is pinned separately so a CPU-only machine takes the local CPU wheel instead of a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+CONFIG ?= configs/quickstart.yaml
+
+.PHONY: run test test-all lint bench clean install
+
+install: $(VENV)/.installed
+
+# Reinstall only when pyproject.toml changes (the stamp is older than it).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	touch $@
+
+run: install
+	$(VENV)/bin/ift run $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+lint: install
+	$(VENV)/bin/ruff check launcher training data_pipeline eval tests benchmarks
+	$(VENV)/bin/ruff format --check launcher training data_pipeline eval tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: install
+	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f; done
+	$(PY) -m benchmarks.table
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

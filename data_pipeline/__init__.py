@@ -1,0 +1,1 @@
+"""Data preparation: raw files -> templated, split, tokenized and packed Parquet shards."""

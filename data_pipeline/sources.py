@@ -1,0 +1,474 @@
+"""Parse raw source files into records, keeping where each record came from.
+
+Every parser yields ``(line, record)`` or ``(line, Reject)`` pairs so that one bad line never
+costs the rest of the file, and every dropped record can be reported with its position:
+
+* json, jsonl, csv, tsv, conll: the 1-based line on which the record starts;
+* a JSON array: the element's index + 1; Parquet and ``datasets`` folders: the row index + 1;
+* SQuAD JSON (detected by its layout) is flattened to one record per question, numbered 1..n;
+* ``0`` when the whole file is unusable (corrupt gzip or Parquet, a JSON document that does not
+  hold a list of objects); a malformed JSON document is reported at the line of the error.
+
+Pure functions of the input bytes: the Ray Data job reads the files and calls ``parse_bytes``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "conll", "hf")
+
+_EXTENSIONS = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".conll": "conll",
+}
+# The CoNLL-2003 distribution names its files eng.train / eng.testa / eng.testb (deu.* too).
+_CONLL_NAME = re.compile(r"^(eng|deu|esp|ned)\.(train|testa|testb)$")
+# Marker files of a `datasets` save_to_disk folder (a Dataset or a DatasetDict).
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = "\ufeff"
+_CONLL_COLUMNS = ("tokens", "pos", "chunk", "ner_tags")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that could not be read, with enough context to find it in its file.
+
+    Attributes:
+        source: The source path (or name) the record came from.
+        line: 1-based line, element or row number (see the module docstring); 0 means the
+            whole file.
+        reason: Human-readable cause, e.g. ``"malformed JSON: Expecting ',' delimiter (col 17)"``.
+    """
+
+    source: str
+    line: int
+    reason: str
+
+
+Parsed = tuple[int, dict[str, Any] | Reject]
+
+
+def detect_format(path: str) -> str:
+    """Guess a source's format from its path.
+
+    A trailing ``.gz`` is ignored (``train.jsonl.gz`` is jsonl). A local folder written by
+    ``datasets.Dataset.save_to_disk`` is ``"hf"``.
+
+    Args:
+        path: Local path or URI of the source.
+
+    Returns:
+        One of ``FORMATS``.
+
+    Raises:
+        ValueError: If the extension is not one this module reads.
+    """
+    stripped = path.rstrip("/")
+    if os.path.isdir(stripped):
+        if any(os.path.exists(os.path.join(stripped, m)) for m in _HF_MARKERS):
+            return "hf"
+        raise ValueError(
+            f"{path}: a folder that is not a `datasets` save_to_disk folder "
+            f"(none of {', '.join(_HF_MARKERS)} found)"
+        )
+    name = os.path.basename(stripped)
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    if _CONLL_NAME.match(name):
+        return "conll"
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    known = ", ".join(sorted(_EXTENSIONS))
+    raise ValueError(
+        f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+        f"known: {known} (optionally .gz), or a `datasets` save_to_disk folder"
+    )
+
+
+def parse_bytes(data: bytes, source: str, fmt: str) -> Iterator[Parsed]:
+    """Parse one file's bytes into records.
+
+    Gzipped data (by its magic bytes) is decompressed first. Lines that are not valid UTF-8,
+    malformed JSON lines, rows with the wrong number of fields and similar problems become
+    ``Reject`` items; every other record is still yielded.
+
+    Args:
+        data: The raw file content.
+        source: Name used in ``Reject.source`` (normally the path).
+        fmt: One of ``FORMATS`` except ``"hf"`` (see ``read_hf_dataset``).
+
+    Yields:
+        ``(line, record)`` for good records, ``(line, Reject)`` for bad ones, in file order.
+
+    Raises:
+        ValueError: For an unknown format or ``"hf"``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "hf":
+        raise ValueError("a `datasets` folder is not a byte stream: use read_hf_dataset()")
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            yield 0, Reject(source, 0, f"corrupt gzip data: {exc}")
+            return
+    if fmt == "jsonl":
+        yield from _parse_jsonl(data, source)
+    elif fmt == "json":
+        yield from _parse_json(data, source)
+    elif fmt == "csv":
+        yield from _parse_delimited(data, source, ",")
+    elif fmt == "tsv":
+        yield from _parse_delimited(data, source, "\t")
+    elif fmt == "conll":
+        yield from _parse_conll(data, source)
+    else:
+        yield from _parse_parquet(data, source)
+
+
+def read_hf_dataset(path: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Read a folder written by ``datasets.Dataset.save_to_disk``.
+
+    Args:
+        path: The folder of one split (for a ``DatasetDict`` folder, point at ``path/<split>``).
+        source: Name used in error messages.
+
+    Yields:
+        ``(row index + 1, row)`` pairs.
+
+    Raises:
+        ValueError: If the folder holds a ``DatasetDict`` rather than a single split.
+    """
+    import datasets  # lazy: a heavy import that only this format needs
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = ", ".join(sorted(loaded))
+        raise ValueError(
+            f"{source}: a DatasetDict with splits [{splits}]; point the source at one split "
+            f"folder, e.g. {path.rstrip('/')}/{next(iter(sorted(loaded)), 'train')}"
+        )
+    for index, row in enumerate(loaded, 1):
+        yield index, dict(row)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _utf8_reason(exc: UnicodeDecodeError, offset: int = 0) -> str:
+    bad = exc.object[exc.start : exc.start + 1].hex()
+    return f"not valid UTF-8: byte 0x{bad} at col {exc.start - offset + 1}"
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _parse_jsonl(data: bytes, source: str) -> Iterator[Parsed]:
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, Reject(source, lineno, _utf8_reason(exc))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield lineno, Reject(source, lineno, f"malformed JSON: {exc.msg} (col {exc.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield lineno, Reject(source, lineno, f"expected a JSON object, got {_json_type(obj)}")
+            continue
+        yield lineno, obj
+
+
+def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col_offset = data.rfind(b"\n", 0, exc.start) + 1
+        yield line, Reject(source, line, _utf8_reason(exc, col_offset))
+        return
+    text = text.removeprefix(_BOM)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield exc.lineno, Reject(source, exc.lineno, f"malformed JSON: {exc.msg} (col {exc.colno})")
+        return
+    if _is_squad(doc):
+        try:
+            for index, record in enumerate(squad_records(doc), 1):
+                yield index, record
+        except ValueError as exc:
+            yield 0, Reject(source, 0, f"malformed SQuAD JSON: {exc}")
+        return
+    if isinstance(doc, dict):
+        # A wrapper such as {"data": [...]} or {"version": "1.1", "data": [...]}.
+        lists = [key for key, value in doc.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            yield (
+                0,
+                Reject(
+                    source,
+                    0,
+                    "expected a JSON array of objects or an object holding exactly one list; "
+                    f"got an object with {len(lists)} list fields",
+                ),
+            )
+            return
+        doc = doc[lists[0]]
+    elif not isinstance(doc, list):
+        yield 0, Reject(source, 0, f"expected a JSON array of objects, got {_json_type(doc)}")
+        return
+    for index, item in enumerate(doc, 1):
+        if isinstance(item, dict):
+            yield index, item
+        else:
+            yield (
+                index,
+                Reject(
+                    source, index, f"array element {index} is {_json_type(item)}, not an object"
+                ),
+            )
+
+
+def _is_squad(doc: Any) -> bool:
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and isinstance(data[0], dict)
+        and ("paragraphs" in data[0])
+    )
+
+
+def squad_records(squad_json: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Flatten official SQuAD JSON into one record per question.
+
+    ``parse_bytes`` applies it to any JSON document with the SQuAD layout, numbering the
+    records by question (1-based).
+
+    Args:
+        squad_json: ``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``.
+
+    Yields:
+        ``{"id", "title", "context", "question", "answers"}`` with ``answers`` in the
+        Hugging Face layout ``{"text": [...], "answer_start": [...]}``.
+
+    Raises:
+        ValueError: If the document does not have the SQuAD structure.
+    """
+    articles = squad_json.get("data") if isinstance(squad_json, dict) else None
+    if not isinstance(articles, list):
+        raise ValueError("expected an object with a 'data' list")
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise ValueError(f"data[{a}] has no 'paragraphs' list")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise ValueError(f"{where} has no 'context' text")
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
+                    raise ValueError(f"{where}.qas[{q}] has no 'question' text")
+                answers = [x for x in qa.get("answers", []) if isinstance(x, dict)]
+                yield {
+                    "id": str(qa.get("id", "")),
+                    "title": str(article.get("title", "")),
+                    "context": paragraph["context"],
+                    "question": qa["question"],
+                    "answers": {
+                        "text": [str(x.get("text", "")) for x in answers],
+                        "answer_start": [int(x.get("answer_start", -1)) for x in answers],
+                    },
+                }
+
+
+def _bad_utf8_field(fields: list[str]) -> str | None:
+    # Text was decoded with surrogateescape: each undecodable byte became a lone surrogate.
+    for field in fields:
+        for char in field:
+            if "\udc80" <= char <= "\udcff":
+                return f"not valid UTF-8: byte 0x{ord(char) - 0xDC00:02x}"
+    return None
+
+
+def _delimited_rows(text: str, delimiter: str, literal: bool) -> list[tuple[int, list[str] | str]]:
+    """Split text into (start line, fields) rows, or (line, csv error message).
+
+    ``literal`` turns quote handling off: a quote character is then just text.
+    """
+    previous_limit = csv.field_size_limit(2**31 - 1)  # news articles exceed the 128 KiB default
+    try:
+        stream = io.StringIO(text, newline="")
+        if literal:
+            reader = csv.reader(stream, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(stream, delimiter=delimiter)
+        rows: list[tuple[int, list[str] | str]] = []
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                rows.append((start, f"unreadable row: {exc}"))
+                if reader.line_num < start:  # no progress: stop rather than loop forever
+                    break
+                continue
+            if any(field.strip() for field in row):
+                rows.append((start, row))
+        return rows
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _delimited_records(
+    text: str, source: str, delimiter: str, literal: bool
+) -> list[tuple[int, dict[str, Any] | Reject]]:
+    rows = _delimited_rows(text, delimiter, literal)
+    if not rows:
+        return []
+    header_line, header = rows[0]
+    if isinstance(header, str):
+        return [(header_line, Reject(source, header_line, f"header: {header}"))]
+    header = [name.strip() for name in header]
+    problem = _bad_utf8_field(header)
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        problem = f"duplicate column names in header: {duplicates}"
+    if problem:
+        return [(header_line, Reject(source, header_line, f"header: {problem}"))]
+    out: list[tuple[int, dict[str, Any] | Reject]] = []
+    for line, row in rows[1:]:
+        if isinstance(row, str):
+            out.append((line, Reject(source, line, row)))
+        elif len(row) != len(header):
+            reason = f"expected {len(header)} fields, got {len(row)}"
+            out.append((line, Reject(source, line, reason)))
+        elif (bad := _bad_utf8_field(row)) is not None:
+            out.append((line, Reject(source, line, bad)))
+        else:
+            out.append((line, dict(zip(header, row, strict=True))))
+    return out
+
+
+def _parse_delimited(data: bytes, source: str, delimiter: str) -> Iterator[Parsed]:
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix(_BOM)
+    records = _delimited_records(text, source, delimiter, literal=False)
+    if delimiter == "\t":
+        # TSV comes both Excel-quoted (amazon_alexa.tsv: "...""smart""...") and unquoted with
+        # stray quote characters in the text. Quote-aware parsing is right for the first; for
+        # the second an unbalanced quote swallows the following lines into one bad row. Use
+        # the literal reading when it rejects fewer rows.
+        bad = sum(isinstance(r, Reject) for _, r in records)
+        if bad:
+            literal = _delimited_records(text, source, delimiter, literal=True)
+            if sum(isinstance(r, Reject) for _, r in literal) < bad:
+                records = literal
+    yield from records
+
+
+def _iob1_to_iob2(tags: list[str]) -> list[str]:
+    """IOB1 starts an entity with I- unless it touches one of the same type; IOB2 always B-."""
+    out = []
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        previous = tag
+    return out
+
+
+def _parse_conll(data: bytes, source: str) -> Iterator[Parsed]:
+    sentence: list[list[str]] = []
+    start = 0
+    problem: Reject | None = None
+
+    def flush() -> Iterator[Parsed]:
+        if problem is not None:
+            yield problem.line, problem
+        elif sentence:
+            record: dict[str, Any] = {
+                name: [cols[i] for cols in sentence] for i, name in enumerate(_CONLL_COLUMNS)
+            }
+            record["ner_iob2"] = _iob1_to_iob2(record["ner_tags"])
+            yield start, record
+
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        stripped = raw.strip()
+        if not stripped or stripped.startswith(b"-DOCSTART-"):
+            yield from flush()
+            sentence, problem = [], None
+            continue
+        if not sentence and problem is None:
+            start = lineno
+        if problem is not None:
+            continue  # the sentence is already rejected; skip to its end
+        try:
+            cols = stripped.decode("utf-8").split()
+        except UnicodeDecodeError as exc:
+            problem = Reject(source, lineno, _utf8_reason(exc) + " (sentence dropped)")
+            continue
+        if len(cols) != len(_CONLL_COLUMNS):
+            problem = Reject(
+                source,
+                lineno,
+                f"expected {len(_CONLL_COLUMNS)} columns (word POS chunk NER), got {len(cols)}"
+                " (sentence dropped)",
+            )
+            continue
+        tag = cols[3]
+        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            problem = Reject(source, lineno, f"bad NER tag {tag!r} (sentence dropped)")
+            continue
+        sentence.append(cols)
+    yield from flush()
+
+
+def _parse_parquet(data: bytes, source: str) -> Iterator[Parsed]:
+    import pyarrow.parquet as pq  # lazy: only this format needs it
+
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        yield 0, Reject(source, 0, f"unreadable Parquet: {exc}")
+        return
+    index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            index += 1
+            yield index, row

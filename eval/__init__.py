@@ -1,0 +1,1 @@
+"""Evaluation: batch generation, exact mergeable metrics and the `ift score` entry point."""

@@ -1,0 +1,3 @@
+"""ift launcher: CLI, config, the pipeline driver and MLflow run handling."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""`ift`: the command line. Heavy imports (ray, torch) happen only after the config is valid.
+
+    ift prepare CONFIG [key=value ...]
+    ift train   CONFIG [key=value ...]
+    ift eval    CONFIG [key=value ...]
+    ift run     CONFIG [key=value ...]
+    ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N]
+    ift submit  CONFIG --address http://HEAD:8265
+    ift k8s     CONFIG [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher.config import ConfigError, load_config
+
+STAGES = {
+    "prepare": ("prepare",),
+    "train": ("prepare", "train"),
+    "eval": ("eval",),
+    "run": ("prepare", "train", "eval"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ift", description="Distributed instruction fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {
+        "prepare": "template, split, tokenize and pack the data (Ray Data)",
+        "train": "fine-tune with DeepSpeed ZeRO on Ray Train (prepares data first if needed)",
+        "eval": "generate on the test split with the base and fine-tuned models; score",
+        "run": "prepare -> train -> eval under one MLflow pipeline run",
+    }
+    for name, text in helps.items():
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("config", help="experiment YAML")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
+    sc = sub.add_parser("score", help="score an existing predictions JSONL")
+    sc.add_argument("--predictions", required=True)
+    sc.add_argument("--metrics", default=None, help="comma-separated, e.g. bleu,chrf,rouge")
+    sc.add_argument("--num-workers", type=int, default=1)
+    sc.add_argument("--bleu-tokenize", default=None, help="sacreBLEU tokenizer (13a, intl, zh, char)")
+    sm = sub.add_parser("submit", help="submit the pipeline as a Ray job")
+    sm.add_argument("config")
+    sm.add_argument("overrides", nargs="*")
+    sm.add_argument("--address", required=True)
+    sm.add_argument("--stage", default="run", choices=list(STAGES))
+    sm.add_argument("--no-wait", action="store_true")
+    k8 = sub.add_parser("k8s", help="render KubeRay manifests for this experiment")
+    k8.add_argument("config")
+    k8.add_argument("overrides", nargs="*")
+    k8.add_argument("--out", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            return _score(args)
+        cfg = load_config(args.config, args.overrides)
+        if args.command in ("submit", "k8s"):
+            print(f"ift {args.command}: not available yet in this version.", file=sys.stderr)
+            return 2
+        from launcher.pipeline import run_pipeline
+
+        run_pipeline(cfg, args.command, STAGES[args.command], config_path=args.config)
+        return 0
+    except ConfigError as e:
+        print(f"ift: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ift: interrupted", file=sys.stderr)
+        return 130
+    except UserFacingError as e:
+        print(f"ift {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def _score(args: argparse.Namespace) -> int:
+    from eval.score import main as score_main
+
+    argv = ["--predictions", args.predictions, "--num-workers", str(args.num_workers)]
+    if args.metrics:
+        argv += ["--metrics", args.metrics]
+    if args.bleu_tokenize:
+        argv += ["--bleu-tokenize", args.bleu_tokenize]
+    return score_main(argv)
+
+
+class UserFacingError(RuntimeError):
+    """An error whose message is the whole story for the user (no traceback)."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Typed experiment config: YAML + dotted overrides, validated before any cluster resource starts.
+
+Every section is a pydantic model with ``extra="forbid"`` so a misspelt key is an error, defaults
+live here and nowhere else, and :func:`load_config` reports every problem of a config at once,
+each naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPLITS = ("train", "validation", "test")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem with its dotted key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "ift"
+    """Experiment name: names the Ray Train run (resume key) and the MLflow pipeline run."""
+    output_dir: str = "runs/ift"
+    """Checkpoints, the final `model/`, and `eval/` outputs go here (local path or shared storage)."""
+    seed: int = 42
+
+
+class ModelConfig(_Strict):
+    name_or_path: str
+    """A local Hugging Face model folder (no hub access is assumed)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to `name_or_path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class DataSource(_Strict):
+    path: str
+    """File, glob, or folder: json, jsonl, csv, tsv, parquet (optionally .gz), conll, or a
+    `datasets` save_to_disk folder."""
+    template: str | dict[str, str]
+    """A built-in template name, or {prompt: "<jinja>", completion: "<jinja>"}."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Template parameters, e.g. {source_lang: de, target_lang: en} for `wmt`."""
+    name: str | None = None
+    """Task name used for eval metric names (`<name>/<metric>`); defaults to the template name."""
+    format: str | None = None
+    """Override the format detected from the file extension."""
+    split: Literal["train", "validation", "test"] | None = None
+    """Pin every record of this source to one split instead of hashing."""
+    max_records: int | None = Field(default=None, gt=0)
+    """Keep only the first N good records of this source (in file order)."""
+    metrics: list[str] | None = None
+    """Eval metrics for this task; defaults by template (accuracy, bleu/chrf, rouge, ...)."""
+
+    @property
+    def task_name(self) -> str:
+        if self.name:
+            return self.name
+        return self.template if isinstance(self.template, str) else Path(self.path).stem
+
+
+class DataConfig(_Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    output_dir: str | None = None
+    """Prepared data folder; defaults to `<experiment.output_dir>/data`."""
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05}
+    )
+    max_seq_len: int = Field(default=512, gt=8)
+    truncation: Literal["drop", "left"] = "drop"
+    """Over-long examples: `drop` rejects them, `left` cuts the prompt from the left."""
+    packing: bool = True
+    dedupe: bool = True
+    num_workers: int = Field(default=2, gt=0)
+    max_reject_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_test_records: int | None = Field(default=None, gt=0)
+    """Cap on test records per source (eval cost); the rest of the test split is dropped."""
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps; overrides `epochs` when set."""
+    micro_batch_size: int = Field(default=8, gt=0)
+    grad_accum: int | None = Field(default=None, gt=0)
+    global_batch_size: int | None = Field(default=None, gt=0)
+    """micro_batch_size x grad_accum x num_workers; give one of grad_accum / global_batch_size."""
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = Field(default=1.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    num_workers: int = Field(default=2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = Field(default=2, gt=0)
+    max_failures: int = Field(default=0, ge=-1)
+    log_every: int = Field(default=1, gt=0)
+    eval_every: int = Field(default=0, ge=0)
+    """Validation loss every N steps (0: only at the end)."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON merged over the generated one; batch-size keys must agree."""
+    stop_after_steps: int | None = Field(default=None, gt=0)
+    """Stop (after checkpointing) once this step is reached, as if interrupted: for resume tests."""
+
+    def accumulation(self) -> int:
+        """Gradient accumulation steps: the one place the batch arithmetic lives."""
+        if self.grad_accum is not None:
+            return self.grad_accum
+        if self.global_batch_size is not None:
+            return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+        return 1
+
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.accumulation() * self.num_workers
+
+
+class EvalConfig(_Strict):
+    models: list[Literal["base", "finetuned"]] = Field(default_factory=lambda: ["base", "finetuned"])
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    num_workers: int = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    num_beams: int = Field(default=1, gt=0)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    """Generation is cut at the first of these strings."""
+    max_prompt_len: int | None = Field(default=None, gt=0)
+    bleu_tokenize: str = "13a"
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment_name: str = "ift"
+    required: bool = True
+    """Fail before training when the tracking server is unreachable."""
+
+
+class ClusterConfig(_Strict):
+    address: str | None = None
+    """Ray address to join (`auto`, `ray://...`); None starts a local Ray."""
+    num_cpus: int | None = Field(default=None, gt=0)
+    """CPUs of the local Ray started when `address` is None (default: all)."""
+
+
+class Config(_Strict):
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _derive(self) -> Config:
+        if self.data.output_dir is None:
+            self.data.output_dir = str(Path(self.experiment.output_dir) / "data")
+        return self
+
+    @property
+    def data_dir(self) -> str:
+        assert self.data.output_dir is not None
+        return self.data.output_dir
+
+    @property
+    def model_dir(self) -> str:
+        return str(Path(self.experiment.output_dir) / "model")
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def cross_check(cfg: Config) -> list[str]:
+    """Checks that span fields or touch the filesystem. Returns every problem found."""
+    problems: list[str] = []
+    t = cfg.train
+    if t.grad_accum is not None and t.global_batch_size is not None:
+        if t.global_batch_size != t.micro_batch_size * t.grad_accum * t.num_workers:
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} != micro_batch_size "
+                f"{t.micro_batch_size} x grad_accum {t.grad_accum} x num_workers {t.num_workers}"
+            )
+    elif t.global_batch_size is not None:
+        per_step = t.micro_batch_size * t.num_workers
+        if t.global_batch_size % per_step:
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {per_step}"
+            )
+    if t.offload_params and t.zero_stage != 3:
+        problems.append("train.offload_params: parameter offload needs train.zero_stage=3")
+    if t.offload_optimizer and t.zero_stage == 0:
+        problems.append("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
+    if not t.use_gpu and t.precision == "fp16":
+        problems.append("train.precision: fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16")
+    if t.stop_after_steps is not None and t.max_steps is not None and t.stop_after_steps > t.max_steps:
+        problems.append("train.stop_after_steps: larger than train.max_steps")
+    if t.ds_config is not None and not _is_remote(t.ds_config) and not Path(t.ds_config).is_file():
+        problems.append(f"train.ds_config: file not found: {t.ds_config}")
+
+    ratios = cfg.data.split
+    unknown = sorted(set(ratios) - set(SPLITS))
+    if unknown:
+        problems.append(f"data.split: unknown split(s) {unknown}; use {list(SPLITS)}")
+    if any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
+        problems.append(f"data.split: ratios must be >= 0 and sum to 1, got {ratios}")
+
+    for key, path in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if path is None or _is_remote(path):
+            continue
+        looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path.split(os.sep)[0]).exists()
+        if looks_local and not Path(path).expanduser().exists():
+            problems.append(f"{key}: model folder not found: {path}")
+
+    from data_pipeline.templates import validate_template
+
+    names: dict[str, int] = {}
+    for i, src in enumerate(cfg.data.sources):
+        key = f"data.sources.{i}"
+        if not _is_remote(src.path) and not glob.glob(os.path.expanduser(src.path)):
+            problems.append(f"{key}.path: no file matches {src.path}")
+        try:
+            validate_template(src.template, src.params)
+        except ValueError as e:
+            problems.append(f"{key}.template: {e}")
+        if src.task_name in names:
+            problems.append(
+                f"{key}.name: task name {src.task_name!r} also used by data.sources.{names[src.task_name]}"
+                "; set distinct `name`s"
+            )
+        names[src.task_name] = i
+        if src.metrics:
+            from eval.metrics import METRIC_NAMES
+
+            bad = [m for m in src.metrics if m not in METRIC_NAMES]
+            if bad:
+                problems.append(f"{key}.metrics: unknown metric(s) {bad}; known: {list(METRIC_NAMES)}")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.zero_stage=3")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict; list items are addressed by index."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = out
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{'.'.join(path[: depth + 1])}: no such list item")
+                node = node[int(part)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"{'.'.join(path[: depth + 1])}: is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"{'.'.join(path)}: no such list item")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.append(f"{key}: {msg}")
+    return problems
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a raw dict; raise ConfigError listing every problem."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_problem_text(source, _format_validation_error(err))) from None
+    problems = cross_check(cfg)
+    if problems:
+        raise ConfigError(_problem_text(source, problems))
+    return cfg
+
+
+def _problem_text(source: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"invalid config {source} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}"
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, validate everything, resolve local paths.
+
+    Relative paths are resolved against the current directory (where `ift` runs), so Ray
+    workers, whose working directory differs, see absolute paths.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return resolve_paths(from_dict(raw, str(path)))
+
+
+def _abs(path: str) -> str:
+    if _is_remote(path):
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make every local path absolute (a no-op for URIs)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.experiment.output_dir = _abs(cfg.experiment.output_dir)
+    cfg.data.output_dir = _abs(cfg.data_dir)
+    cfg.model.name_or_path = _abs(cfg.model.name_or_path) if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path
+    if cfg.model.tokenizer and Path(cfg.model.tokenizer).expanduser().exists():
+        cfg.model.tokenizer = _abs(cfg.model.tokenizer)
+    for src in cfg.data.sources:
+        src.path = _abs(src.path)
+    if cfg.train.ds_config:
+        cfg.train.ds_config = _abs(cfg.train.ds_config)
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.tracking.tracking_uri = "sqlite:///" + _abs(uri[len("sqlite:///") :])
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Leaf names that hold credentials; matched whole-word so `max_new_tokens` stays visible.
+SECRET_RE = re.compile(r"(^|_)(password|passwd|secret|api_key|access_key|auth_token|token)$")
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """Flattened `section.key` -> str for MLflow params; secret-looking values are masked."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            leaf = prefix.rsplit(".", 1)[-1].lower()
+            secret = bool(SECRET_RE.search(leaf)) and value not in (None, "")
+            out[prefix] = "***" if secret else str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

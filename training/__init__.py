@@ -1,0 +1,1 @@
+"""ift training: DeepSpeed config building, batching, the per-worker loop and the train job."""

@@ -1,0 +1,336 @@
+"""The train job: DeepSpeed ZeRO in every Ray Train worker, resumable, logged from rank 0.
+
+    ift train configs/quickstart.yaml train.zero_stage=3
+
+Reads top to bottom: `train()` is the driver (plans steps, writes the DeepSpeed config, runs a
+`TorchTrainer`); `train_worker()` runs in each worker (model -> `deepspeed.initialize` -> resume
+-> loop -> checkpoints -> final model); helpers follow.
+
+Loss: summed token cross-entropy over the completion tokens of a micro-batch, scaled by
+`accumulation x world / tokens in the global batch`. DeepSpeed divides by the accumulation steps
+and averages gradients over ranks, so each optimizer step minimises the mean over every loss
+token of the global batch, not a mean of per-micro-batch means.
+
+Resume: checkpoints go through `ray.train.report`, under `<output_dir>/checkpoints/run-<hash>/`.
+Running the same experiment again (same output_dir and settings) restarts from the latest complete one with the
+optimizer, LR schedule, RNG and data position; the data position is just the step, because the
+order of examples is a function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from training import data as tdata
+from training.ds_config import build_ds_config, load_user_config, lr_multiplier
+from training.mlflow_logger import MetricLogger
+
+TRAIN_STATE = "ift_train.json"
+CKPT_TAG = "ds"
+# Train settings that do not change the result: a rerun that only changes these still resumes.
+RUNTIME_ONLY = ("stop_after_steps", "max_failures", "checkpoint_every", "keep_checkpoints",
+                "log_every", "eval_every", "cpus_per_worker")
+
+
+class TrainError(RuntimeError):
+    user_facing = True
+
+
+def train(cfg: Any, manifest: dict[str, Any], tracking: dict[str, Any] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on the prepared data; returns a summary (steps, final loss, paths).
+
+    Args:
+        cfg: a validated `launcher.config.Config`.
+        manifest: the prepared-data manifest.
+        tracking: {"tracking_uri", "run_id"} of the MLflow run rank 0 logs to, or None.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    out = cfg.experiment.output_dir
+    n_rows = manifest["splits"]["train"]["rows"]
+    gb = t.global_batch()
+    if tdata.steps_per_epoch(n_rows, gb) == 0:
+        raise TrainError(f"the train split has {n_rows} rows, fewer than one global batch of {gb} "
+                         "(train.micro_batch_size x grad_accum x num_workers); lower it or add data")
+    steps = tdata.total_steps(n_rows, gb, t.epochs, t.max_steps)
+    run_hash = train_hash(cfg, manifest)
+    done = _finished(cfg.model_dir, run_hash)
+    if done:
+        log(f"[train] reusing {cfg.model_dir}: finished with the same data and settings")
+        return done
+
+    ds_cfg = build_ds_config(t, load_user_config(t.ds_config))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "deepspeed_config.json"), "w") as f:
+        json.dump(ds_cfg, f, indent=2)
+    log(f"[train] {steps} steps x global batch {gb} (micro {t.micro_batch_size} x accum "
+        f"{t.accumulation()} x {t.num_workers} workers), ZeRO-{t.zero_stage}, {t.precision}, "
+        f"{'GPU' if t.use_gpu else 'CPU'}")
+
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg, "manifest": manifest, "ds_config": ds_cfg,
+                           "total_steps": steps, "tracking": tracking, "run_hash": run_hash},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        # One Ray run per train identity: rerunning the same experiment resumes it, while a
+        # changed setting starts a fresh run instead of loading incompatible state.
+        run_config=RunConfig(
+            name=f"run-{run_hash[:12]}",
+            storage_path=os.path.join(out, "checkpoints"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise TrainError(f"training failed: {result.error}")
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return metrics
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Per-worker loop (runs inside a Ray Train worker with torch.distributed set up)."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    cfg = config["cfg"]
+    t = cfg.train
+    manifest = config["manifest"]
+    total = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not t.use_gpu:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(cfg.experiment.seed)
+
+    tok, model = _load_model(cfg, config["ds_config"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=config["ds_config"],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_multiplier(s, t, total)),
+        dist_init_required=False,
+    )
+    device = engine.device
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, state = engine.load_checkpoint(d, tag=CKPT_TAG)
+        if state.get("run_hash") != config["run_hash"]:
+            raise TrainError(
+                f"the checkpoints under {cfg.experiment.output_dir}/checkpoints come from a "
+                "different model, data or train settings; use another experiment.output_dir "
+                "or delete them")
+        start = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            print(f"[train] resumed from step {start}", flush=True)
+
+    train_split = tdata.load_split(cfg.data_dir, manifest, "train")
+    val_split = (tdata.load_split(cfg.data_dir, manifest, "validation")
+                 if manifest["splits"]["validation"]["rows"] else None)
+    logger = MetricLogger(**(config["tracking"] or {"tracking_uri": None, "run_id": None}))
+    gb, micro, accum = t.global_batch(), t.micro_batch_size, t.accumulation()
+    n = len(train_split)
+    last: dict[str, float] = {}
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    engine.train()
+    step = start
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batch = tdata.global_batch_indices(step, n, gb, cfg.experiment.seed)
+        loss_tokens = train_split.loss_tokens(batch)
+        scale = accum * world / max(loss_tokens, 1)
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        n_tokens = 0
+        for a in range(accum):
+            mb = tdata.micro_batch_indices(batch, micro, a, rank, world)
+            b = {k: v.to(device) for k, v in tdata.collate(train_split, mb, pad_id).items()}
+            logits = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                            use_cache=False).logits
+            loss, _, _ = tdata.token_loss_sum(logits, b["labels"])
+            engine.backward(loss * scale)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+            n_tokens += int(sum(len(train_split.input_ids[i]) for i in mb))
+        dist.all_reduce(loss_sum)
+        step_tokens = torch.tensor(n_tokens)
+        dist.all_reduce(step_tokens)
+        dt = time.perf_counter() - t0
+        tokens_seen += int(step_tokens)
+        grad_norm = engine.get_global_grad_norm()
+        last = {
+            "train/loss": float(loss_sum) / max(loss_tokens, 1),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_per_s": int(step_tokens) / dt,
+            "train/epoch": step / max(tdata.steps_per_epoch(n, gb), 1),
+        }
+        done = step + 1
+        if val_split is not None and t.eval_every and done % t.eval_every == 0 and done < total:
+            last.update(_validate(engine, val_split, pad_id, rank, world, micro))
+        if rank == 0:
+            logger.log(last, step=done)
+            if done % t.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / (done - start) * (total - done)
+                print(f"[train] step {done}/{total} loss {last['train/loss']:.4f} lr {lr:.2e} "
+                      f"grad_norm {last['train/grad_norm']:.3f} tok/s "
+                      f"{last['train/tokens_per_s']:.0f} eta {_fmt_s(eta)}", flush=True)
+        stopping = t.stop_after_steps is not None and done >= t.stop_after_steps and done < total
+        if done < total and (stopping or (t.checkpoint_every and done % t.checkpoint_every == 0)):
+            _checkpoint(engine, done, config["run_hash"], last, rank)
+        if stopping:
+            if rank == 0:
+                print(f"[train] stopped after step {done} (train.stop_after_steps)", flush=True)
+            logger.close()
+            return
+
+    if val_split is not None:
+        last.update(_validate(engine, val_split, pad_id, rank, world, micro))
+    last["train/steps"] = float(total)
+    last["train/tokens"] = float(tokens_seen)
+    if rank == 0:
+        logger.log({k: v for k, v in last.items() if k.startswith("val/")}, step=total)
+        logger.close()
+        if "val/loss" in last:
+            print(f"[train] validation loss {last['val/loss']:.4f} token accuracy "
+                  f"{last['val/token_accuracy']:.3f}", flush=True)
+    _save_final_model(engine, tok, cfg, config["run_hash"], last, rank)
+    _checkpoint(engine, total, config["run_hash"], last, rank)
+
+
+def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    dschf = None
+    if cfg.train.zero_stage == 3:
+        # Keeps a reference alive so from_pretrained partitions weights as it loads them
+        # (zero.Init): a model bigger than one worker's memory never materialises whole.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path,
+        dtype=dtype[cfg.model.dtype],
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    del dschf
+    return tok, model
+
+
+def _validate(engine: Any, split: tdata.Split, pad_id: int, rank: int, world: int,
+              micro: int) -> dict[str, float]:
+    """Token-level loss and accuracy over the whole validation split, rows sharded by rank."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
+    mine = list(range(rank, len(split), world))
+    # Every rank runs the same number of forward passes: ZeRO-3 gathers parameters collectively.
+    n_batches = math.ceil(math.ceil(len(split) / world) / micro)
+    with torch.no_grad():
+        for i in range(n_batches):
+            idx = mine[i * micro : (i + 1) * micro] or [0]
+            b = {k: v.to(engine.device) for k, v in tdata.collate(split, idx, pad_id).items()}
+            logits = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                            use_cache=False).logits
+            loss, count, correct = tdata.token_loss_sum(logits, b["labels"])
+            if mine[i * micro : (i + 1) * micro]:
+                sums += torch.tensor([float(loss), float(count), float(correct)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    engine.train()
+    return {"val/loss": float(sums[0] / sums[1].clamp(min=1)),
+            "val/token_accuracy": float(sums[2] / sums[1].clamp(min=1))}
+
+
+def _checkpoint(engine: Any, step: int, run_hash: str, metrics: dict[str, float], rank: int) -> None:
+    """Every rank saves its ZeRO shard into a temp dir; Ray merges them into one checkpoint."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={
+            "step": step, "run_hash": run_hash, "torch_rng": torch.get_rng_state()})
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+
+def _save_final_model(engine: Any, tok: Any, cfg: Any, run_hash: str,
+                      metrics: dict[str, float], rank: int) -> None:
+    """Consolidate the ZeRO shards into `model/` (Hugging Face format) atomically, from rank 0."""
+    if cfg.train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    final = cfg.model_dir
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
+        json.dump({"run_hash": run_hash, "metrics": metrics}, f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    print(f"[train] model saved to {final}", flush=True)
+
+
+def train_hash(cfg: Any, manifest: dict[str, Any]) -> str:
+    """Identity of a training run: model, data fingerprint and every result-changing setting."""
+    train = cfg.train.model_dump(mode="json")
+    for k in RUNTIME_ONLY:
+        train.pop(k, None)
+    payload = {"model": cfg.model.model_dump(mode="json"), "data": manifest["fingerprint"],
+               "train": train, "seed": cfg.experiment.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _finished(model_dir: str, run_hash: str) -> dict[str, Any] | None:
+    path = os.path.join(model_dir, TRAIN_STATE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        state = json.load(f)
+    return state["metrics"] if state.get("run_hash") == run_hash else None  # type: ignore[no-any-return]
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
