@@ -181,7 +181,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _derive(self) -> Config:
         if self.data.output_dir is None:
-            self.data.output_dir = str(Path(self.experiment.output_dir) / "data")
+            self.data.output_dir = join(self.experiment.output_dir, "data")
         return self
 
     @property
@@ -191,7 +191,14 @@ class Config(_Strict):
 
     @property
     def model_dir(self) -> str:
-        return str(Path(self.experiment.output_dir) / "model")
+        return join(self.experiment.output_dir, "model")
+
+
+def join(base: str, name: str) -> str:
+    """Path join that keeps `s3://`-style URIs intact (pathlib collapses the double slash)."""
+    if _is_remote(base):
+        return base.rstrip("/") + "/" + name
+    return str(Path(base) / name)
 
 
 def _is_remote(path: str) -> bool:
@@ -223,9 +230,6 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append("train.precision: fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16")
     if t.stop_after_steps is not None and t.max_steps is not None and t.stop_after_steps > t.max_steps:
         problems.append("train.stop_after_steps: larger than train.max_steps")
-    if t.ds_config is not None and not _is_remote(t.ds_config) and not Path(t.ds_config).is_file():
-        problems.append(f"train.ds_config: file not found: {t.ds_config}")
-
     ratios = cfg.data.split
     unknown = sorted(set(ratios) - set(SPLITS))
     if unknown:
@@ -233,36 +237,57 @@ def cross_check(cfg: Config) -> list[str]:
     if any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
         problems.append(f"data.split: ratios must be >= 0 and sum to 1, got {ratios}")
 
-    for key, path in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
-        if path is None or _is_remote(path):
+    return problems
+
+
+def resource_checks(raw: dict[str, Any]) -> list[str]:
+    """Model folders, source files, templates and metrics, checked on the raw dict so that they
+    are reported together with schema errors."""
+    problems: list[str] = []
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    for key in ("name_or_path", "tokenizer"):
+        path = model.get(key)
+        if not isinstance(path, str) or _is_remote(path) or Path(path).expanduser().exists():
             continue
-        looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path.split(os.sep)[0]).exists()
-        if looks_local and not Path(path).expanduser().exists():
-            problems.append(f"{key}: model folder not found: {path}")
+        # A relative path whose first component exists, or an explicit ./ / ~ path, is clearly
+        # meant to be local; anything else may be a hub id and is left to the loader.
+        looks_local = path.startswith((".", "/", "~")) or (
+            os.sep in path and Path(path.split(os.sep)[0]).exists())
+        if looks_local:
+            problems.append(f"model.{key}: model folder not found: {path}")
+    t = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    ds = t.get("ds_config")
+    if isinstance(ds, str) and not _is_remote(ds) and not Path(ds).is_file():
+        problems.append(f"train.ds_config: file not found: {ds}")
 
     from data_pipeline.templates import validate_template
+    from eval.metrics import METRIC_NAMES
 
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
     names: dict[str, int] = {}
-    for i, src in enumerate(cfg.data.sources):
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict):
+            continue
         key = f"data.sources.{i}"
-        if not _is_remote(src.path) and not glob.glob(os.path.expanduser(src.path)):
-            problems.append(f"{key}.path: no file matches {src.path}")
-        try:
-            validate_template(src.template, src.params)
-        except ValueError as e:
-            problems.append(f"{key}.template: {e}")
-        if src.task_name in names:
-            problems.append(
-                f"{key}.name: task name {src.task_name!r} also used by data.sources.{names[src.task_name]}"
-                "; set distinct `name`s"
-            )
-        names[src.task_name] = i
-        if src.metrics:
-            from eval.metrics import METRIC_NAMES
-
-            bad = [m for m in src.metrics if m not in METRIC_NAMES]
-            if bad:
-                problems.append(f"{key}.metrics: unknown metric(s) {bad}; known: {list(METRIC_NAMES)}")
+        path = src.get("path")
+        if isinstance(path, str) and not _is_remote(path) and not glob.glob(os.path.expanduser(path)):
+            problems.append(f"{key}.path: no file matches {path}")
+        template = src.get("template")
+        if isinstance(template, str | dict):
+            try:
+                validate_template(template, src.get("params") or {})
+            except ValueError as e:
+                problems.append(f"{key}.template: {e}")
+        task = src.get("name") or (template if isinstance(template, str) else
+                                   Path(str(path)).stem)
+        if task in names:
+            problems.append(f"{key}.name: task name {task!r} also used by data.sources."
+                            f"{names[task]}; set distinct `name`s")
+        names[task] = i
+        bad = [m for m in src.get("metrics") or [] if m not in METRIC_NAMES]
+        if bad:
+            problems.append(f"{key}.metrics: unknown metric(s) {bad}; known: {list(METRIC_NAMES)}")
     return problems
 
 
@@ -314,12 +339,16 @@ def _format_validation_error(err: ValidationError) -> list[str]:
 
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a raw dict; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = None
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_problem_text(source, _format_validation_error(err))) from None
-    problems = cross_check(cfg)
-    if problems:
+        problems += _format_validation_error(err)
+    problems += resource_checks(raw)
+    if cfg is not None:
+        problems += cross_check(cfg)
+    if problems or cfg is None:
         raise ConfigError(_problem_text(source, problems))
     return cfg
 
@@ -377,6 +406,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 # Leaf names that hold credentials; matched whole-word so `max_new_tokens` stays visible.
+URI_PASSWORD_RE = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 SECRET_RE = re.compile(r"(^|_)(password|passwd|secret|api_key|access_key|auth_token|token)$")
 
 
@@ -394,7 +424,8 @@ def flatten(cfg: Config) -> dict[str, str]:
         else:
             leaf = prefix.rsplit(".", 1)[-1].lower()
             secret = bool(SECRET_RE.search(leaf)) and value not in (None, "")
-            out[prefix] = "***" if secret else str(value)
+            # Credentials inside URIs (postgresql://user:pw@host) are masked too.
+            out[prefix] = "***" if secret else URI_PASSWORD_RE.sub(r"\1***@", str(value))
 
     walk("", cfg.model_dump(mode="json"))
     return out

@@ -76,8 +76,14 @@ def ensure_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Set before Ray starts so every worker inherits them: quiet libraries, and DeepSpeed told
+    # up front that a CPU run is a CPU run instead of probing for accelerators.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
         return

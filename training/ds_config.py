@@ -96,6 +96,11 @@ def _zero(train: Any) -> dict[str, Any]:
 
 def merge_user_config(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `user` over `base`; a batch key that disagrees is an error, not a silent win."""
+    autos = _auto_keys(user)
+    if autos:
+        raise DeepSpeedConfigError(
+            "train.ds_config: " + ", ".join(f"'{k}' is 'auto'" for k in autos)
+            + "; ift fills every value itself: remove the key(s) or give numbers")
     conflicts = [
         f"{k}: ds_config says {user[k]}, train config gives {base[k]}"
         for k in BATCH_KEYS
@@ -112,14 +117,17 @@ def merge_user_config(base: dict[str, Any], user: dict[str, Any]) -> dict[str, A
         for k, v in b.items():
             if k in BATCH_KEYS:
                 continue
-            if v == "auto":
-                raise DeepSpeedConfigError(
-                    f"train.ds_config: key {k!r} is 'auto'; ift fills every value itself, "
-                    "remove the key or give a number")
             out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         return out
 
     return merge(base, user)
+
+
+def _auto_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is "auto" (only the Hugging Face Trainer resolves those)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
 
 
 def load_user_config(path: str | None) -> dict[str, Any] | None:

@@ -120,6 +120,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(cfg.experiment.seed)
+    # Wrap the process group Ray Train created, so deepspeed.comm (and zero.Init while the
+    # model loads) sees the real world size.
+    deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
 
     tok, model = _load_model(cfg, config["ds_config"])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
