@@ -30,8 +30,10 @@ lint: install
 	$(VENV)/bin/ruff format --check launcher training data_pipeline eval tests benchmarks
 	$(VENV)/bin/mypy
 
+BENCHMARKS := $(filter-out benchmarks/table.py benchmarks/__init__.py,$(wildcard benchmarks/*.py))
+
 bench: install
-	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f; done
+	@set -e; for f in $(BENCHMARKS); do echo "== $$f"; $(PY) $$f; done
 	$(PY) -m benchmarks.table
 
 clean:

@@ -34,7 +34,8 @@ from data_pipeline.sources import Reject, detect_format, parse_bytes, read_hf_da
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 # Line-delimited formats are cut into byte ranges of about this size so that one big file still
-# spreads over every worker; other formats (json arrays, csv with quoted newlines, parquet) go whole.
+# spreads over every worker; other formats (json arrays, csv with quoted newlines, parquet)
+# go whole.
 CHUNK_BYTES = 4 << 20
 ROWS_PER_SHARD = 50_000
 LINE_FORMATS = ("jsonl", "tsv")
@@ -81,8 +82,10 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     config_hash = _config_hash(cfg, files, tok_path)
     existing = read_manifest(out_dir)
     if existing and existing.get("config_hash") == config_hash:
-        log(f"[prepare] reusing {out_dir}: same inputs and settings "
-            f"(fingerprint {existing['fingerprint'][:12]})")
+        log(
+            f"[prepare] reusing {out_dir}: same inputs and settings "
+            f"(fingerprint {existing['fingerprint'][:12]})"
+        )
         return existing
 
     import ray
@@ -94,8 +97,10 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     # starts, and one that takes them all starves everything else (seen on 2-CPU nodes).
     total_cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     cpus = min(1.0, total_cpus / n_workers)
-    log(f"[prepare] {sum(len(f) for f in files)} file(s) in {len(units)} unit(s) on "
-        f"{n_workers} Ray worker(s)")
+    log(
+        f"[prepare] {sum(len(f) for f in files)} file(s) in {len(units)} unit(s) on "
+        f"{n_workers} Ray worker(s)"
+    )
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output order == input order, for determinism
@@ -115,8 +120,9 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=n_workers),
         num_cpus=cpus,
     )
-    rows_by_split, rejects, stats = _collect(cfg, ds.iter_batches(batch_format="pyarrow",
-                                                                  batch_size=None))
+    rows_by_split, rejects, stats = _collect(
+        cfg, ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    )
     t_tok = time.perf_counter() - t0
     total = stats["good"] + len(rejects)
     reject_fraction = len(rejects) / total if total else 1.0
@@ -128,9 +134,11 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"See {tmp_rejects}" + (f"; first: {_fmt_reject(rejects[0])}" if rejects else "")
         )
     manifest = _write_dataset(cfg, out_dir, rows_by_split, rejects, stats, config_hash, tok_path)
-    log(f"[prepare] {stats['good']} examples, {len(rejects)} rejected, "
+    log(
+        f"[prepare] {stats['good']} examples, {len(rejects)} rejected, "
         + ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in split.SPLITS)
-        + f" in {time.perf_counter() - t0:.1f}s (tokenize {t_tok:.1f}s)")
+        + f" in {time.perf_counter() - t0:.1f}s (tokenize {t_tok:.1f}s)"
+    )
     return manifest
 
 
@@ -142,8 +150,14 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 class ShardWorker:
     """Parse, template and tokenize one input unit. The tokenizer is loaded once per actor."""
 
-    def __init__(self, sources: list[dict[str, Any]], tokenizer_path: str, max_seq_len: int,
-                 truncation: str, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        sources: list[dict[str, Any]],
+        tokenizer_path: str,
+        max_seq_len: int,
+        truncation: str,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.sources = sources
         self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
         self.bos, self.eos = special_ids(self.tok)
@@ -184,13 +198,19 @@ class ShardWorker:
             p_ids, c_ids = chunk[0::2], chunk[1::2]
             try:
                 input_ids, labels = tokenize.build_example(
-                    p_ids, c_ids, bos_id=self.bos, eos_id=self.eos,
-                    max_seq_len=self.max_seq_len, truncation=self.truncation,
+                    p_ids,
+                    c_ids,
+                    bos_id=self.bos,
+                    eos_id=self.eos,
+                    max_seq_len=self.max_seq_len,
+                    truncation=self.truncation,
                 )
             except tokenize.LengthError as e:
                 _add_reject(out, src_idx, label, line, str(e))
                 continue
-            prompt_ids = tokenize.prompt_ids_for_generation(p_ids, c_ids, self.bos, self.max_seq_len)
+            prompt_ids = tokenize.prompt_ids_for_generation(
+                p_ids, c_ids, self.bos, self.max_seq_len
+            )
             prompt_text = "".join(p + c for p, c in turns[:-1]) + turns[-1][0]
             out["ok"].append(True)
             out["source"].append(src_idx)
@@ -256,7 +276,9 @@ def _collect(cfg: Any, batches: Any) -> tuple[dict[str, list[dict[str, Any]]], l
         for row in table.to_pylist():
             src = cfg.data.sources[row["source"]]
             if not row["ok"]:
-                rejects.append({"source": row["file"], "line": row["line"], "reason": row["reason"]})
+                rejects.append(
+                    {"source": row["file"], "line": row["line"], "reason": row["reason"]}
+                )
                 continue
             stats["good"] += 1
             if cfg.data.dedupe:
@@ -278,9 +300,15 @@ def _collect(cfg: Any, batches: Any) -> tuple[dict[str, list[dict[str, Any]]], l
     return rows_by_split, rejects, stats
 
 
-def _write_dataset(cfg: Any, out_dir: str, rows_by_split: dict[str, list[dict[str, Any]]],
-                   rejects: list[dict[str, Any]], stats: dict[str, int], config_hash: str,
-                   tok_path: str) -> dict[str, Any]:
+def _write_dataset(
+    cfg: Any,
+    out_dir: str,
+    rows_by_split: dict[str, list[dict[str, Any]]],
+    rejects: list[dict[str, Any]],
+    stats: dict[str, int],
+    config_hash: str,
+    tok_path: str,
+) -> dict[str, Any]:
     tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -296,8 +324,9 @@ def _write_dataset(cfg: Any, out_dir: str, rows_by_split: dict[str, list[dict[st
             table = _plain_table(rows, names, with_text=(name == "test"))
             info["packed"] = False
         else:
-            packed = pack.pack_rows([(r["input_ids"], r["labels"]) for r in rows],
-                                    cfg.data.max_seq_len)
+            packed = pack.pack_rows(
+                [(r["input_ids"], r["labels"]) for r in rows], cfg.data.max_seq_len
+            )
             table = pa.table(
                 {
                     "input_ids": pa.array([p["input_ids"] for p in packed], pa.list_(pa.int32())),
@@ -311,7 +340,9 @@ def _write_dataset(cfg: Any, out_dir: str, rows_by_split: dict[str, list[dict[st
         info["examples"] = len(rows)
         info["rows"] = table.num_rows
         info["files"] = _write_shards(table, os.path.join(tmp, name), digest)
-        info["per_task"] = {n: sum(1 for r in rows if r["source"] == i) for i, n in enumerate(names)}
+        info["per_task"] = {
+            n: sum(1 for r in rows if r["source"] == i) for i, n in enumerate(names)
+        }
         splits[name] = info
     with open(os.path.join(tmp, REJECTS), "w") as f:
         for r in rejects:
@@ -323,8 +354,14 @@ def _write_dataset(cfg: Any, out_dir: str, rows_by_split: dict[str, list[dict[st
         "tokenizer": tok_path,
         "max_seq_len": cfg.data.max_seq_len,
         "templates": [
-            {"task": s.task_name, "path": s.path, "template": s.template, "params": s.params,
-             "metrics": s.metrics, "template_hash": templates.template_fingerprint(s.template, s.params)}
+            {
+                "task": s.task_name,
+                "path": s.path,
+                "template": s.template,
+                "params": s.params,
+                "metrics": s.metrics,
+                "template_hash": templates.template_fingerprint(s.template, s.params),
+            }
             for s in cfg.data.sources
         ],
         "splits": splits,
@@ -438,12 +475,28 @@ def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
         for path, fmt in entries:
             size = _size(path) if fmt != "hf" else 0
             if fmt not in LINE_FORMATS or size <= CHUNK_BYTES or path.endswith(".gz"):
-                units.append({"source": src_idx, "path": path, "fmt": fmt, "start": 0,
-                              "end": size, "first_line": 1})
+                units.append(
+                    {
+                        "source": src_idx,
+                        "path": path,
+                        "fmt": fmt,
+                        "start": 0,
+                        "end": size,
+                        "first_line": 1,
+                    }
+                )
                 continue
             for start, end, first_line in _line_ranges(path, size):
-                units.append({"source": src_idx, "path": path, "fmt": fmt, "start": start,
-                              "end": end, "first_line": first_line})
+                units.append(
+                    {
+                        "source": src_idx,
+                        "path": path,
+                        "fmt": fmt,
+                        "start": start,
+                        "end": end,
+                        "first_line": first_line,
+                    }
+                )
     return units
 
 
@@ -500,7 +553,8 @@ def _file_digest(path: str, fmt: str) -> str:
 
 
 def _config_hash(cfg: Any, files: list[list[tuple[str, str]]], tok_path: str) -> str:
-    """Everything the output depends on: file contents, templates (their code), tokenizer, settings."""
+    """Everything the output depends on: file contents, templates (their code), tokenizer and
+    settings."""
     data = cfg.data.model_dump(mode="json")
     data.pop("num_workers")  # the result must not depend on it
     data.pop("output_dir")
@@ -510,7 +564,9 @@ def _config_hash(cfg: Any, files: list[list[tuple[str, str]]], tok_path: str) ->
         "data": data,
         "seed": cfg.experiment.seed,
         "files": [[(p, fmt, _file_digest(p, fmt)) for p, fmt in entries] for entries in files],
-        "templates": [templates.template_fingerprint(s.template, s.params) for s in cfg.data.sources],
+        "templates": [
+            templates.template_fingerprint(s.template, s.params) for s in cfg.data.sources
+        ],
         "tokenizer": [
             (f.name, hashlib.sha256(f.read_bytes()).hexdigest())
             for f in tok_files

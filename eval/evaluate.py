@@ -33,8 +33,9 @@ class EvalError(RuntimeError):
     user_facing = True
 
 
-def evaluate(cfg: Any, manifest: dict[str, Any], role: str,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate(
+    cfg: Any, manifest: dict[str, Any], role: str, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Generate and score one model role on the test split; returns {"metrics", "paths"}."""
     import ray
 
@@ -42,34 +43,48 @@ def evaluate(cfg: Any, manifest: dict[str, Any], role: str,
     out_dir = os.path.join(cfg.experiment.output_dir, "eval", role)
     test = read_test_split(cfg.data_dir, manifest)
     if not test["id"]:
-        raise EvalError("the test split is empty: set data.split with a test ratio or pin a "
-                        "source with `split: test`")
+        raise EvalError(
+            "the test split is empty: set data.split with a test ratio or pin a "
+            "source with `split: test`"
+        )
     key = _eval_hash(cfg, manifest, model_path)
     cached = _cached(out_dir, key)
     if cached is not None:
         log(f"[eval {role}] reusing {out_dir}: same model, data and settings")
-        return {"metrics": cached, "predictions": os.path.join(out_dir, "predictions.jsonl"),
-                "metrics_path": os.path.join(out_dir, "metrics.json")}
+        return {
+            "metrics": cached,
+            "predictions": os.path.join(out_dir, "predictions.jsonl"),
+            "metrics_path": os.path.join(out_dir, "metrics.json"),
+        }
 
     e = cfg.eval
     max_prompt = e.max_prompt_len or manifest["max_seq_len"]
     prompts = [p[-max_prompt:] for p in test["prompt_ids"]]
     batches = plan_batches([len(p) for p in prompts], e.batch_size)
-    items = [{"batch": i, "index": b, "prompt_ids": [prompts[j] for j in b]}
-             for i, b in enumerate(batches)]
+    items = [
+        {"batch": i, "index": b, "prompt_ids": [prompts[j] for j in b]}
+        for i, b in enumerate(batches)
+    ]
     n_actors = max(1, min(e.num_workers, len(items)))
     total_cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     cpus = e.cpus_per_worker if cfg.train.use_gpu else min(e.cpus_per_worker, total_cpus / n_actors)
-    log(f"[eval {role}] {len(prompts)} prompts in {len(items)} batches on {n_actors} actor(s), "
-        f"model {model_path}")
+    log(
+        f"[eval {role}] {len(prompts)} prompts in {len(items)} batches on {n_actors} actor(s), "
+        f"model {model_path}"
+    )
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_actors)).map_batches(
         Generator,
-        fn_constructor_kwargs={"model_path": model_path, "eval_cfg": e.model_dump(),
-                               "dtype": cfg.model.dtype, "use_gpu": cfg.train.use_gpu,
-                               "cpus": cpus, "trust_remote_code": cfg.model.trust_remote_code},
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "eval_cfg": e.model_dump(),
+            "dtype": cfg.model.dtype,
+            "use_gpu": cfg.train.use_gpu,
+            "cpus": cpus,
+            "trust_remote_code": cfg.model.trust_remote_code,
+        },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_cpus=cpus,
@@ -90,23 +105,48 @@ def evaluate(cfg: Any, manifest: dict[str, Any], role: str,
     scores["eval/new_tokens_per_s"] = new_tokens / seconds
     os.makedirs(out_dir, exist_ok=True)
     pred_path = os.path.join(out_dir, "predictions.jsonl")
-    _write_atomic(pred_path, "".join(
-        json.dumps({"id": test["id"][i], "task": test["task"][i], "prompt": test["prompt"][i],
-                    "prediction": preds[i], "reference": test["reference"][i]}) + "\n"
-        for i in range(len(preds))))
+    _write_atomic(
+        pred_path,
+        "".join(
+            json.dumps(
+                {
+                    "id": test["id"][i],
+                    "task": test["task"][i],
+                    "prompt": test["prompt"][i],
+                    "prediction": preds[i],
+                    "reference": test["reference"][i],
+                }
+            )
+            + "\n"
+            for i in range(len(preds))
+        ),
+    )
     metrics_path = os.path.join(out_dir, "metrics.json")
-    _write_atomic(metrics_path, json.dumps({"eval_hash": key, "role": role, "model": model_path,
-                                            "metrics": scores}, indent=2))
-    log(f"[eval {role}] {len(preds)} predictions in {seconds:.1f}s: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if not k.startswith("eval/")))
+    _write_atomic(
+        metrics_path,
+        json.dumps(
+            {"eval_hash": key, "role": role, "model": model_path, "metrics": scores}, indent=2
+        ),
+    )
+    log(
+        f"[eval {role}] {len(preds)} predictions in {seconds:.1f}s: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if not k.startswith("eval/"))
+    )
     return {"metrics": scores, "predictions": pred_path, "metrics_path": metrics_path}
 
 
 class Generator:
     """Ray Data actor: one model replica; generates for one planned batch per call."""
 
-    def __init__(self, model_path: str, eval_cfg: dict[str, Any], dtype: str, use_gpu: bool,
-                 cpus: float, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        eval_cfg: dict[str, Any],
+        dtype: str,
+        use_gpu: bool,
+        cpus: float,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,32 +154,50 @@ class Generator:
             torch.set_num_threads(max(1, int(cpus)))
         self.cfg = eval_cfg
         self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                       "float16": torch.float16}[dtype]
+        torch_dtype = {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
         self.model.eval()
         if use_gpu:
-            self.model.to("cuda")
+            self.model.to("cuda")  # type: ignore[arg-type]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
         out: dict[str, list[Any]] = {"index": [], "predictions": [], "new_tokens": []}
-        for b, index, prompt_ids in zip(batch["batch"], batch["index"], batch["prompt_ids"],
-                                        strict=True):
+        for b, index, prompt_ids in zip(
+            batch["batch"], batch["index"], batch["prompt_ids"], strict=True
+        ):
             prompts = [[int(x) for x in p] for p in prompt_ids]
-            texts = generate(self.model, self.tok, prompts, max_new_tokens=c["max_new_tokens"],
-                             temperature=c["temperature"], top_p=c["top_p"],
-                             num_beams=c["num_beams"], stop=c["stop"], seed=c["seed"] + int(b))
+            texts = generate(
+                self.model,
+                self.tok,
+                prompts,
+                max_new_tokens=c["max_new_tokens"],
+                temperature=c["temperature"],
+                top_p=c["top_p"],
+                num_beams=c["num_beams"],
+                stop=c["stop"],
+                seed=c["seed"] + int(b),
+            )
             out["index"].append([int(i) for i in index])
             out["predictions"].append(texts)
-            out["new_tokens"].append(sum(len(self.tok(t, add_special_tokens=False)["input_ids"])
-                                         for t in texts))
+            out["new_tokens"].append(
+                sum(len(self.tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            )
         return out
 
 
-def score_by_task(manifest: dict[str, Any], test: dict[str, list[Any]], preds: list[str],
-                  bleu_tokenize: str = "13a") -> dict[str, float]:
+def score_by_task(
+    manifest: dict[str, Any],
+    test: dict[str, list[Any]],
+    preds: list[str],
+    bleu_tokenize: str = "13a",
+) -> dict[str, float]:
     """Metrics per task (the source's `metrics`, else the template's defaults)."""
     scores: dict[str, float] = {}
     for spec in manifest["templates"]:
@@ -149,9 +207,12 @@ def score_by_task(manifest: dict[str, Any], test: dict[str, list[Any]], preds: l
             continue
         template = spec["template"] if isinstance(spec["template"], str) else "custom"
         names = spec.get("metrics") or M.default_metrics(template)
-        result = M.compute_metrics(names, [preds[i] for i in idx],
-                                   [[test["reference"][i]] for i in idx],
-                                   options={"bleu_tokenize": bleu_tokenize})
+        result = M.compute_metrics(
+            names,
+            [preds[i] for i in idx],
+            [[test["reference"][i]] for i in idx],
+            options={"bleu_tokenize": bleu_tokenize},
+        )
         scores.update({f"{task}/{k}": float(v) for k, v in result.items()})
     return scores
 
@@ -160,8 +221,10 @@ def model_path_for(cfg: Any, role: str) -> str:
     if role == "base":
         return str(cfg.model.name_or_path)
     if not os.path.exists(os.path.join(cfg.model_dir, "config.json")):
-        raise EvalError(f"no fine-tuned model at {cfg.model_dir}: run `ift train` first "
-                        "(or evaluate only the base model with eval.models=[base])")
+        raise EvalError(
+            f"no fine-tuned model at {cfg.model_dir}: run `ift train` first "
+            "(or evaluate only the base model with eval.models=[base])"
+        )
     return str(cfg.model_dir)
 
 
@@ -181,9 +244,15 @@ def _eval_hash(cfg: Any, manifest: dict[str, Any], model_path: str) -> str:
     if os.path.exists(state):  # a fine-tuned model: its identity is the run that made it
         with open(state) as f:
             model_id = json.load(f)["run_hash"]
-    payload = {"model": model_id, "data": manifest["fingerprint"],
-               "eval": {k: v for k, v in cfg.eval.model_dump(mode="json").items()
-                        if k not in ("num_workers", "cpus_per_worker", "models")}}
+    payload = {
+        "model": model_id,
+        "data": manifest["fingerprint"],
+        "eval": {
+            k: v
+            for k, v in cfg.eval.model_dump(mode="json").items()
+            if k not in ("num_workers", "cpus_per_worker", "models")
+        },
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -27,17 +27,30 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return body[:cut].strip()
 
 
-def generate(model: Any, tok: Any, prompts: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
-             stop: list[str] | None = None, seed: int = 0, pad_id: int | None = None) -> list[str]:
+def generate(
+    model: Any,
+    tok: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    stop: list[str] | None = None,
+    seed: int = 0,
+    pad_id: int | None = None,
+) -> list[str]:
     """Generate continuations for token-id prompts; greedy unless `temperature > 0`.
 
     Returns the decoded new text of each prompt, cut at the first stop string.
     """
     import torch
 
-    pad = pad_id if pad_id is not None else (tok.pad_token_id if tok.pad_token_id is not None
-                                             else tok.eos_token_id)
+    pad = (
+        pad_id
+        if pad_id is not None
+        else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    )
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -45,9 +58,13 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], *, max_new_tokens: 
         ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[j, width - len(p) :] = 1
     device = next(model.parameters()).device
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams,
-                              "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
-                              "use_cache": True}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "pad_token_id": pad,
+        "eos_token_id": tok.eos_token_id,
+        "use_cache": True,
+    }
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

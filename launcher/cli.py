@@ -1,12 +1,12 @@
 """`ift`: the command line. Heavy imports (ray, torch) happen only after the config is valid.
 
-    ift prepare CONFIG [key=value ...]
-    ift train   CONFIG [key=value ...]
-    ift eval    CONFIG [key=value ...]
-    ift run     CONFIG [key=value ...]
-    ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N]
-    ift submit  CONFIG --address http://HEAD:8265
-    ift k8s     CONFIG [--out DIR]
+ift prepare CONFIG [key=value ...]
+ift train   CONFIG [key=value ...]
+ift eval    CONFIG [key=value ...]
+ift run     CONFIG [key=value ...]
+ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N]
+ift submit  CONFIG --address http://HEAD:8265
+ift k8s     CONFIG [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--predictions", required=True)
     sc.add_argument("--metrics", default=None, help="comma-separated, e.g. bleu,chrf,rouge")
     sc.add_argument("--num-workers", type=int, default=1)
-    sc.add_argument("--bleu-tokenize", default=None, help="sacreBLEU tokenizer (13a, intl, zh, char)")
+    sc.add_argument(
+        "--bleu-tokenize", default=None, help="sacreBLEU tokenizer (13a, intl, zh, char)"
+    )
     sm = sub.add_parser("submit", help="submit the pipeline as a Ray job")
     sm.add_argument("config")
     sm.add_argument("overrides", nargs="*")

@@ -32,7 +32,7 @@ class ExperimentConfig(_Strict):
     name: str = "ift"
     """Experiment name: names the Ray Train run (resume key) and the MLflow pipeline run."""
     output_dir: str = "runs/ift"
-    """Checkpoints, the final `model/`, and `eval/` outputs go here (local path or shared storage)."""
+    """Checkpoints, the final `model/` and `eval/` outputs go here (local or shared storage)."""
     seed: int = 42
 
 
@@ -139,7 +139,9 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    models: list[Literal["base", "finetuned"]] = Field(default_factory=lambda: ["base", "finetuned"])
+    models: list[Literal["base", "finetuned"]] = Field(
+        default_factory=lambda: ["base", "finetuned"]  # type: ignore[arg-type]
+    )
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=16, gt=0)
     num_workers: int = Field(default=1, gt=0)
@@ -228,7 +230,11 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
     if not t.use_gpu and t.precision == "fp16":
         problems.append("train.precision: fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16")
-    if t.stop_after_steps is not None and t.max_steps is not None and t.stop_after_steps > t.max_steps:
+    if (
+        t.stop_after_steps is not None
+        and t.max_steps is not None
+        and t.stop_after_steps > t.max_steps
+    ):
         problems.append("train.stop_after_steps: larger than train.max_steps")
     ratios = cfg.data.split
     unknown = sorted(set(ratios) - set(SPLITS))
@@ -244,7 +250,7 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
     """Model folders, source files, templates and metrics, checked on the raw dict so that they
     are reported together with schema errors."""
     problems: list[str] = []
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model: dict[str, Any] = raw["model"] if isinstance(raw.get("model"), dict) else {}
     for key in ("name_or_path", "tokenizer"):
         path = model.get(key)
         if not isinstance(path, str) or _is_remote(path) or Path(path).expanduser().exists():
@@ -252,10 +258,11 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
         # A relative path whose first component exists, or an explicit ./ / ~ path, is clearly
         # meant to be local; anything else may be a hub id and is left to the loader.
         looks_local = path.startswith((".", "/", "~")) or (
-            os.sep in path and Path(path.split(os.sep)[0]).exists())
+            os.sep in path and Path(path.split(os.sep)[0]).exists()
+        )
         if looks_local:
             problems.append(f"model.{key}: model folder not found: {path}")
-    t = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    t: dict[str, Any] = raw["train"] if isinstance(raw.get("train"), dict) else {}
     ds = t.get("ds_config")
     if isinstance(ds, str) and not _is_remote(ds) and not Path(ds).is_file():
         problems.append(f"train.ds_config: file not found: {ds}")
@@ -263,15 +270,19 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
     from data_pipeline.templates import validate_template
     from eval.metrics import METRIC_NAMES
 
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    data: dict[str, Any] = raw["data"] if isinstance(raw.get("data"), dict) else {}
+    sources: list[Any] = data["sources"] if isinstance(data.get("sources"), list) else []
     names: dict[str, int] = {}
     for i, src in enumerate(sources):
         if not isinstance(src, dict):
             continue
         key = f"data.sources.{i}"
         path = src.get("path")
-        if isinstance(path, str) and not _is_remote(path) and not glob.glob(os.path.expanduser(path)):
+        if (
+            isinstance(path, str)
+            and not _is_remote(path)
+            and not glob.glob(os.path.expanduser(path))
+        ):
             problems.append(f"{key}.path: no file matches {path}")
         template = src.get("template")
         if isinstance(template, str | dict):
@@ -279,11 +290,12 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
                 validate_template(template, src.get("params") or {})
             except ValueError as e:
                 problems.append(f"{key}.template: {e}")
-        task = src.get("name") or (template if isinstance(template, str) else
-                                   Path(str(path)).stem)
+        task = src.get("name") or (template if isinstance(template, str) else Path(str(path)).stem)
         if task in names:
-            problems.append(f"{key}.name: task name {task!r} also used by data.sources."
-                            f"{names[task]}; set distinct `name`s")
+            problems.append(
+                f"{key}.name: task name {task!r} also used by data.sources."
+                f"{names[task]}; set distinct `name`s"
+            )
         names[task] = i
         bad = [m for m in src.get("metrics") or [] if m not in METRIC_NAMES]
         if bad:
@@ -355,7 +367,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
 
 def _problem_text(source: str, problems: list[str]) -> str:
     lines = "\n".join(f"  - {p}" for p in problems)
-    return f"invalid config {source} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}"
+    plural = "s" if len(problems) > 1 else ""
+    return f"invalid config {source} ({len(problems)} problem{plural}):\n{lines}"
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
@@ -388,7 +401,11 @@ def resolve_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
     cfg.experiment.output_dir = _abs(cfg.experiment.output_dir)
     cfg.data.output_dir = _abs(cfg.data_dir)
-    cfg.model.name_or_path = _abs(cfg.model.name_or_path) if Path(cfg.model.name_or_path).expanduser().exists() else cfg.model.name_or_path
+    cfg.model.name_or_path = (
+        _abs(cfg.model.name_or_path)
+        if Path(cfg.model.name_or_path).expanduser().exists()
+        else cfg.model.name_or_path
+    )
     if cfg.model.tokenizer and Path(cfg.model.tokenizer).expanduser().exists():
         cfg.model.tokenizer = _abs(cfg.model.tokenizer)
     for src in cfg.data.sources:

@@ -22,7 +22,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_pipeline(cfg: Config, command: str, stages: tuple[str, ...], config_path: str = "") -> dict[str, Any]:
+def run_pipeline(
+    cfg: Config, command: str, stages: tuple[str, ...], config_path: str = ""
+) -> dict[str, Any]:
     """Run `stages` of the experiment; returns {"manifest", "train", "eval": {role: metrics}}."""
     t0 = time.perf_counter()
     tracker = Tracker(cfg)
@@ -63,10 +65,11 @@ def run_pipeline(cfg: Config, command: str, stages: tuple[str, ...], config_path
     log(f"== done in {time.perf_counter() - t0:.0f}s. Outputs: {cfg.experiment.output_dir}")
     if cfg.tracking.enabled:
         uri = cfg.tracking.tracking_uri
-        ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
-              else f"open {uri}")
-        log(f"   MLflow: experiment '{cfg.tracking.experiment_name}' at {uri}\n"
-            f"   to browse it: {ui}   (then http://127.0.0.1:5000)")
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+        log(
+            f"   MLflow: experiment '{cfg.tracking.experiment_name}' at {uri}\n"
+            f"   to browse it: {ui}   (then http://127.0.0.1:5000)"
+        )
     return result
 
 
@@ -110,8 +113,13 @@ def print_table(evals: dict[str, dict[str, float]]) -> None:
         delta = f"{f - b:+.2f}" if b is not None and f is not None else "-"
         rows.append((n, fmt(b), fmt(f), delta))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
+    lines = [
+        " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     print("\n" + "\n".join(lines) + "\n", flush=True)
     sys.stdout.flush()

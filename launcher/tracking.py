@@ -38,7 +38,8 @@ class Tracker:
             if self.cfg.tracking.required:
                 raise ConfigError(
                     f"tracking.tracking_uri: MLflow server {uri} is unreachable ({e}); start it, "
-                    "fix the URI, or set tracking.required=false to run without it") from None
+                    "fix the URI, or set tracking.required=false to run without it"
+                ) from None
             print(f"[mlflow] {uri} unreachable; continuing without tracking", flush=True)
             self.enabled = False
 
@@ -51,8 +52,11 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.cfg.tracking.tracking_uri)
         mlflow.set_experiment(self.cfg.tracking.experiment_name)
-        tags = {"ift.version": launcher.__version__, "ift.command": command,
-                "ift.config_path": config_path}
+        tags = {
+            "ift.version": launcher.__version__,
+            "ift.command": command,
+            "ift.config_path": config_path,
+        }
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -85,8 +89,9 @@ class Tracker:
 
         mlflow.set_tag("ift.data_fingerprint", manifest["fingerprint"])
         if self.parent_id:
-            mlflow.MlflowClient().set_tag(self.parent_id, "ift.data_fingerprint",
-                                          manifest["fingerprint"])
+            mlflow.MlflowClient().set_tag(
+                self.parent_id, "ift.data_fingerprint", manifest["fingerprint"]
+            )
         metrics = {"data/rejected": manifest["rejected"]}
         for split, info in manifest["splits"].items():
             metrics[f"data/{split}_rows"] = info["rows"]
@@ -107,8 +112,11 @@ class Tracker:
         ds = os.path.join(cfg.experiment.output_dir, "deepspeed_config.json")
         if os.path.exists(ds):
             mlflow.log_artifact(ds)
-        final = {k: float(v) for k, v in summary.items()
-                 if isinstance(v, int | float) and k.startswith(("val/", "train/steps", "train/tokens"))}
+        final = {
+            k: float(v)
+            for k, v in summary.items()
+            if isinstance(v, int | float) and k.startswith(("val/", "train/steps", "train/tokens"))
+        }
         if final:
             mlflow.log_metrics({f"final/{k}": v for k, v in final.items()})
 
@@ -137,8 +145,13 @@ class Tracker:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=os.path.dirname(os.path.dirname(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

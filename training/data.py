@@ -39,7 +39,9 @@ def load_split(data_dir: str, manifest: dict, name: str) -> Split:
     labels: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     for f in files:
-        table = pq.read_table(os.path.join(data_dir, f), columns=["input_ids", "labels", "seq_lens"])
+        table = pq.read_table(
+            os.path.join(data_dir, f), columns=["input_ids", "labels", "seq_lens"]
+        )
         ids += [np.asarray(x, dtype=np.int64) for x in table.column("input_ids").to_pylist()]
         labels += [np.asarray(x, dtype=np.int64) for x in table.column("labels").to_pylist()]
         lens += [np.asarray(x, dtype=np.int64) for x in table.column("seq_lens").to_pylist()]
@@ -69,7 +71,9 @@ def global_batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -
     return order[within * global_batch : (within + 1) * global_batch]
 
 
-def micro_batch_indices(batch: np.ndarray, micro: int, accum_step: int, rank: int, world: int) -> np.ndarray:
+def micro_batch_indices(
+    batch: np.ndarray, micro: int, accum_step: int, rank: int, world: int
+) -> np.ndarray:
     chunk = accum_step * world + rank
     return batch[chunk * micro : (chunk + 1) * micro]
 
@@ -96,7 +100,9 @@ def collate(split: Split, idx: list[int] | np.ndarray, pad_id: int) -> dict[str,
 
 
 def positions(seq_lens: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.arange(n) for n in seq_lens]) if len(seq_lens) else np.zeros(0, np.int64)
+    return (
+        np.concatenate([np.arange(n) for n in seq_lens]) if len(seq_lens) else np.zeros(0, np.int64)
+    )
 
 
 def token_loss_sum(
@@ -111,8 +117,10 @@ def token_loss_sum(
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="sum",
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     correct = ((shift_logits.argmax(-1) == shift_labels) & mask).sum()
     return loss, mask.sum(), correct

@@ -80,13 +80,23 @@ def lr_multiplier(step: int, train: Any, total_steps: int) -> float:
 def _zero(train: Any) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+        zero.update(
+            {
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": 5e7,
+                "allgather_bucket_size": 5e7,
+            }
+        )
     if train.zero_stage == 3:
         # Gather full weights on save so `model/` is a plain Hugging Face checkpoint.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
-                     "stage3_param_persistence_threshold": 1e4,
-                     "stage3_prefetch_bucket_size": 5e7})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_param_persistence_threshold": 1e4,
+                "stage3_prefetch_bucket_size": 5e7,
+            }
+        )
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if train.offload_params:
@@ -99,8 +109,10 @@ def merge_user_config(base: dict[str, Any], user: dict[str, Any]) -> dict[str, A
     autos = _auto_keys(user)
     if autos:
         raise DeepSpeedConfigError(
-            "train.ds_config: " + ", ".join(f"'{k}' is 'auto'" for k in autos)
-            + "; ift fills every value itself: remove the key(s) or give numbers")
+            "train.ds_config: "
+            + ", ".join(f"'{k}' is 'auto'" for k in autos)
+            + "; ift fills every value itself: remove the key(s) or give numbers"
+        )
     conflicts = [
         f"{k}: ds_config says {user[k]}, train config gives {base[k]}"
         for k in BATCH_KEYS

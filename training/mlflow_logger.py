@@ -15,8 +15,13 @@ from typing import Any
 class MetricLogger:
     """Buffered `MlflowClient.log_batch` for one run. No-op when `run_id` is None."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, flush_every: int = 50,
-                 close_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_id: str | None,
+        flush_every: int = 50,
+        close_timeout: float = 120.0,
+    ) -> None:
         self.run_id = run_id
         self.flush_every = flush_every
         self.close_timeout = close_timeout
@@ -39,15 +44,18 @@ class MetricLogger:
             self.flush()
 
     def flush(self) -> bool:
-        """Send what is queued; on failure keep it for the next try. True when the queue is empty."""
+        """Send what is queued, keeping it on failure for the next try. True when all is sent."""
         while self._queue:
             batch = self._queue[:1000]  # MLflow's per-request limit
             try:
                 self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
             except Exception as e:  # the server may be restarting: keep the points
                 if not self._warned:
-                    print(f"[mlflow] logging failed, buffering {len(self._queue)} point(s): "
-                          f"{type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                    print(
+                        f"[mlflow] logging failed, buffering {len(self._queue)} point(s): "
+                        f"{type(e).__name__}: {str(e)[:200]}",
+                        file=sys.stderr,
+                    )
                     self._warned = True
                 return False
             del self._queue[: len(batch)]
@@ -59,8 +67,10 @@ class MetricLogger:
         delay = 0.5
         while not self.flush():
             if time.monotonic() > deadline:
-                print(f"[mlflow] gave up: {len(self._queue)} metric point(s) not logged",
-                      file=sys.stderr)
+                print(
+                    f"[mlflow] gave up: {len(self._queue)} metric point(s) not logged",
+                    file=sys.stderr,
+                )
                 return
             time.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -11,10 +11,11 @@ Loss: summed token cross-entropy over the completion tokens of a micro-batch, sc
 and averages gradients over ranks, so each optimizer step minimises the mean over every loss
 token of the global batch, not a mean of per-micro-batch means.
 
-Resume: checkpoints go through `ray.train.report`, under `<output_dir>/checkpoints/run-<hash>/`.
-Running the same experiment again (same output_dir and settings) restarts from the latest complete one with the
-optimizer, LR schedule, RNG and data position; the data position is just the step, because the
-order of examples is a function of (seed, epoch).
+Resume: checkpoints go through `ray.train.report`, under
+`<output_dir>/checkpoints/run-<hash>/`. Running the same experiment again (same output_dir and
+settings) restarts from the latest complete one with the optimizer, LR schedule, RNG and data
+position; the data position is just the step, because the order of examples is a function of
+(seed, epoch).
 """
 
 from __future__ import annotations
@@ -36,16 +37,27 @@ from training.mlflow_logger import MetricLogger
 TRAIN_STATE = "ift_train.json"
 CKPT_TAG = "ds"
 # Train settings that do not change the result: a rerun that only changes these still resumes.
-RUNTIME_ONLY = ("stop_after_steps", "max_failures", "checkpoint_every", "keep_checkpoints",
-                "log_every", "eval_every", "cpus_per_worker")
+RUNTIME_ONLY = (
+    "stop_after_steps",
+    "max_failures",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "eval_every",
+    "cpus_per_worker",
+)
 
 
 class TrainError(RuntimeError):
     user_facing = True
 
 
-def train(cfg: Any, manifest: dict[str, Any], tracking: dict[str, Any] | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(
+    cfg: Any,
+    manifest: dict[str, Any],
+    tracking: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Fine-tune `cfg.model` on the prepared data; returns a summary (steps, final loss, paths).
 
     Args:
@@ -61,8 +73,10 @@ def train(cfg: Any, manifest: dict[str, Any], tracking: dict[str, Any] | None = 
     n_rows = manifest["splits"]["train"]["rows"]
     gb = t.global_batch()
     if tdata.steps_per_epoch(n_rows, gb) == 0:
-        raise TrainError(f"the train split has {n_rows} rows, fewer than one global batch of {gb} "
-                         "(train.micro_batch_size x grad_accum x num_workers); lower it or add data")
+        raise TrainError(
+            f"the train split has {n_rows} rows, fewer than one global batch of {gb} "
+            "(train.micro_batch_size x grad_accum x num_workers); lower it or add data"
+        )
     steps = tdata.total_steps(n_rows, gb, t.epochs, t.max_steps)
     run_hash = train_hash(cfg, manifest)
     done = _finished(cfg.model_dir, run_hash)
@@ -74,19 +88,28 @@ def train(cfg: Any, manifest: dict[str, Any], tracking: dict[str, Any] | None = 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "deepspeed_config.json"), "w") as f:
         json.dump(ds_cfg, f, indent=2)
-    log(f"[train] {steps} steps x global batch {gb} (micro {t.micro_batch_size} x accum "
+    log(
+        f"[train] {steps} steps x global batch {gb} (micro {t.micro_batch_size} x accum "
         f"{t.accumulation()} x {t.num_workers} workers), ZeRO-{t.zero_stage}, {t.precision}, "
-        f"{'GPU' if t.use_gpu else 'CPU'}")
+        f"{'GPU' if t.use_gpu else 'CPU'}"
+    )
 
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "manifest": manifest, "ds_config": ds_cfg,
-                           "total_steps": steps, "tracking": tracking, "run_hash": run_hash},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg,
+            "manifest": manifest,
+            "ds_config": ds_cfg,
+            "total_steps": steps,
+            "tracking": tracking,
+            "run_hash": run_hash,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
         # One Ray run per train identity: rerunning the same experiment resumes it, while a
         # changed setting starts a fresh run instead of loading incompatible state.
         run_config=RunConfig(
@@ -131,7 +154,8 @@ def train_worker(config: dict[str, Any]) -> None:
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=config["ds_config"],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_multiplier(s, t, total)),
+            opt, lambda s: lr_multiplier(s, t, total)
+        ),
         dist_init_required=False,
     )
     device = engine.device
@@ -145,15 +169,19 @@ def train_worker(config: dict[str, Any]) -> None:
             raise TrainError(
                 f"the checkpoints under {cfg.experiment.output_dir}/checkpoints come from a "
                 "different model, data or train settings; use another experiment.output_dir "
-                "or delete them")
+                "or delete them"
+            )
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
             print(f"[train] resumed from step {start}", flush=True)
 
     train_split = tdata.load_split(cfg.data_dir, manifest, "train")
-    val_split = (tdata.load_split(cfg.data_dir, manifest, "validation")
-                 if manifest["splits"]["validation"]["rows"] else None)
+    val_split = (
+        tdata.load_split(cfg.data_dir, manifest, "validation")
+        if manifest["splits"]["validation"]["rows"]
+        else None
+    )
     logger = MetricLogger(**(config["tracking"] or {"tracking_uri": None, "run_id": None}))
     gb, micro, accum = t.global_batch(), t.micro_batch_size, t.accumulation()
     n = len(train_split)
@@ -173,8 +201,9 @@ def train_worker(config: dict[str, Any]) -> None:
         for a in range(accum):
             mb = tdata.micro_batch_indices(batch, micro, a, rank, world)
             b = {k: v.to(device) for k, v in tdata.collate(train_split, mb, pad_id).items()}
-            logits = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                            use_cache=False).logits
+            logits = engine(
+                input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
+            ).logits
             loss, _, _ = tdata.token_loss_sum(logits, b["labels"])
             engine.backward(loss * scale)
             engine.step()
@@ -201,9 +230,12 @@ def train_worker(config: dict[str, Any]) -> None:
             if done % t.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (done - start) * (total - done)
-                print(f"[train] step {done}/{total} loss {last['train/loss']:.4f} lr {lr:.2e} "
-                      f"grad_norm {last['train/grad_norm']:.3f} tok/s "
-                      f"{last['train/tokens_per_s']:.0f} eta {_fmt_s(eta)}", flush=True)
+                print(
+                    f"[train] step {done}/{total} loss {last['train/loss']:.4f} lr {lr:.2e} "
+                    f"grad_norm {last['train/grad_norm']:.3f} tok/s "
+                    f"{last['train/tokens_per_s']:.0f} eta {_fmt_s(eta)}",
+                    flush=True,
+                )
         stopping = t.stop_after_steps is not None and done >= t.stop_after_steps and done < total
         if done < total and (stopping or (t.checkpoint_every and done % t.checkpoint_every == 0)):
             _checkpoint(engine, done, config["run_hash"], last, rank)
@@ -221,8 +253,11 @@ def train_worker(config: dict[str, Any]) -> None:
         logger.log({k: v for k, v in last.items() if k.startswith("val/")}, step=total)
         logger.close()
         if "val/loss" in last:
-            print(f"[train] validation loss {last['val/loss']:.4f} token accuracy "
-                  f"{last['val/token_accuracy']:.3f}", flush=True)
+            print(
+                f"[train] validation loss {last['val/loss']:.4f} token accuracy "
+                f"{last['val/token_accuracy']:.3f}",
+                flush=True,
+            )
     _save_final_model(engine, tok, cfg, config["run_hash"], last, rank)
     _checkpoint(engine, total, config["run_hash"], last, rank)
 
@@ -231,8 +266,9 @@ def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.name_or_path,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
+    )
     dschf = None
     if cfg.train.zero_stage == 3:
         # Keeps a reference alive so from_pretrained partitions weights as it loads them
@@ -254,8 +290,9 @@ def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     return tok, model
 
 
-def _validate(engine: Any, split: tdata.Split, pad_id: int, rank: int, world: int,
-              micro: int) -> dict[str, float]:
+def _validate(
+    engine: Any, split: tdata.Split, pad_id: int, rank: int, world: int, micro: int
+) -> dict[str, float]:
     """Token-level loss and accuracy over the whole validation split, rows sharded by rank."""
     import torch
     import torch.distributed as dist
@@ -269,32 +306,46 @@ def _validate(engine: Any, split: tdata.Split, pad_id: int, rank: int, world: in
         for i in range(n_batches):
             idx = mine[i * micro : (i + 1) * micro] or [0]
             b = {k: v.to(engine.device) for k, v in tdata.collate(split, idx, pad_id).items()}
-            logits = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                            use_cache=False).logits
+            logits = engine(
+                input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
+            ).logits
             loss, count, correct = tdata.token_loss_sum(logits, b["labels"])
             if mine[i * micro : (i + 1) * micro]:
-                sums += torch.tensor([float(loss), float(count), float(correct)], dtype=torch.float64)
+                sums += torch.tensor(
+                    [float(loss), float(count), float(correct)], dtype=torch.float64
+                )
     dist.all_reduce(sums)
     engine.train()
-    return {"val/loss": float(sums[0] / sums[1].clamp(min=1)),
-            "val/token_accuracy": float(sums[2] / sums[1].clamp(min=1))}
+    return {
+        "val/loss": float(sums[0] / sums[1].clamp(min=1)),
+        "val/token_accuracy": float(sums[2] / sums[1].clamp(min=1)),
+    }
 
 
-def _checkpoint(engine: Any, step: int, run_hash: str, metrics: dict[str, float], rank: int) -> None:
+def _checkpoint(
+    engine: Any, step: int, run_hash: str, metrics: dict[str, float], rank: int
+) -> None:
     """Every rank saves its ZeRO shard into a temp dir; Ray merges them into one checkpoint."""
     import ray.train
     import torch
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={
-            "step": step, "run_hash": run_hash, "torch_rng": torch.get_rng_state()})
-        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{step:07d}")
+        engine.save_checkpoint(
+            tmp,
+            tag=CKPT_TAG,
+            client_state={"step": step, "run_hash": run_hash, "torch_rng": torch.get_rng_state()},
+        )
+        ray.train.report(
+            {**metrics, "step": step},
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{step:07d}",
+        )
 
 
-def _save_final_model(engine: Any, tok: Any, cfg: Any, run_hash: str,
-                      metrics: dict[str, float], rank: int) -> None:
+def _save_final_model(
+    engine: Any, tok: Any, cfg: Any, run_hash: str, metrics: dict[str, float], rank: int
+) -> None:
     """Consolidate the ZeRO shards into `model/` (Hugging Face format) atomically, from rank 0."""
     if cfg.train.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
@@ -320,8 +371,12 @@ def train_hash(cfg: Any, manifest: dict[str, Any]) -> str:
     train = cfg.train.model_dump(mode="json")
     for k in RUNTIME_ONLY:
         train.pop(k, None)
-    payload = {"model": cfg.model.model_dump(mode="json"), "data": manifest["fingerprint"],
-               "train": train, "seed": cfg.experiment.seed}
+    payload = {
+        "model": cfg.model.model_dump(mode="json"),
+        "data": manifest["fingerprint"],
+        "train": train,
+        "seed": cfg.experiment.seed,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -35,28 +35,48 @@ def tiny_config(out: Path) -> dict:
         "model": {"name_or_path": str(ASSETS / "models" / "stories260K")},
         "data": {
             "sources": [
-                {"path": str(ASSETS / "data" / "sst2" / "train.tsv"), "template": "sst2",
-                 "max_records": 240},
-                {"path": str(ASSETS / "data" / "wmt21" / "newstest2021.de-en.jsonl"),
-                 "template": "wmt", "params": {"source_lang": "de", "target_lang": "en"},
-                 "max_records": 40},
+                {
+                    "path": str(ASSETS / "data" / "sst2" / "train.tsv"),
+                    "template": "sst2",
+                    "max_records": 240,
+                },
+                {
+                    "path": str(ASSETS / "data" / "wmt21" / "newstest2021.de-en.jsonl"),
+                    "template": "wmt",
+                    "params": {"source_lang": "de", "target_lang": "en"},
+                    "max_records": 40,
+                },
             ],
             "split": {"train": 0.8, "validation": 0.1, "test": 0.1},
             "max_seq_len": 128,
             "truncation": "left",
             "num_workers": 2,
         },
-        "train": {"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2, "num_workers": 2,
-                  "lr": 2e-3, "warmup_steps": 2, "zero_stage": 2, "eval_every": 3,
-                  "checkpoint_every": 3, "cpus_per_worker": 1},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "num_workers": 2,
+            "lr": 2e-3,
+            "warmup_steps": 2,
+            "zero_stage": 2,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "cpus_per_worker": 1,
+        },
         "eval": {"max_new_tokens": 8, "batch_size": 16},
         "tracking": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment_name": "tiny"},
     }
 
 
 def ift(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-5000:])
     return proc
@@ -73,8 +93,12 @@ def runs(db: Path) -> dict[str, list[str]]:
 
 def history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     con = sqlite3.connect(db)
-    return list(con.execute("select step, value from metrics where run_uuid=? and key=? "
-                            "order by step", (run_id, key)))
+    return list(
+        con.execute(
+            "select step, value from metrics where run_uuid=? and key=? order by step",
+            (run_id, key),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +123,12 @@ def test_run_pins_losses_and_logs_pipeline(workdir: Path, zero2_run) -> None:
     assert set(by_name) >= {"tiny-run", "prepare", "train", "eval-base", "eval-finetuned"}
     parent = by_name["tiny-run"][0]
     con = sqlite3.connect(db)
-    children = {r for (r,) in con.execute(
-        "select run_uuid from tags where key='mlflow.parentRunId' and value=?", (parent,))}
+    children = {
+        r
+        for (r,) in con.execute(
+            "select run_uuid from tags where key='mlflow.parentRunId' and value=?", (parent,)
+        )
+    }
     for stage in ("prepare", "train", "eval-base", "eval-finetuned"):
         assert by_name[stage][0] in children, stage
 
@@ -161,8 +189,11 @@ def test_zero3_stopped_and_resumed_matches_zero2(workdir: Path, zero2_run) -> No
 
 
 def test_bad_config_fails_fast_without_ray(tmp_path: Path) -> None:
-    proc = ift(["prepare", str(ROOT / "configs" / "quickstart.yaml"), "data.no_such_key=1"],
-               cwd=ROOT, timeout=10)
+    proc = ift(
+        ["prepare", str(ROOT / "configs" / "quickstart.yaml"), "data.no_such_key=1"],
+        cwd=ROOT,
+        timeout=10,
+    )
     assert proc.returncode != 0
     assert "data.no_such_key" in proc.stderr
     assert not os.path.exists(tmp_path / "ray")
