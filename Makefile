@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff format --check launcher training data_pipeline eval tests benchmarks
 	$(VENV)/bin/mypy
 
-BENCHMARKS := $(filter-out benchmarks/table.py benchmarks/__init__.py,$(wildcard benchmarks/*.py))
+BENCHMARKS := $(filter-out benchmarks/table.py,$(wildcard benchmarks/[!_]*.py))
 
 bench: install
 	@set -e; for f in $(BENCHMARKS); do echo "== $$f"; $(PY) $$f; done

@@ -132,7 +132,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
 
     cfg = config["cfg"]
     t = cfg.train
@@ -158,8 +157,6 @@ def train_worker(config: dict[str, Any]) -> None:
         ),
         dist_init_required=False,
     )
-    device = engine.device
-
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -192,34 +189,27 @@ def train_worker(config: dict[str, Any]) -> None:
     step = start
     for step in range(start, total):
         t0 = time.perf_counter()
-        batch = tdata.global_batch_indices(step, n, gb, cfg.experiment.seed)
-        loss_tokens = train_split.loss_tokens(batch)
-        scale = accum * world / max(loss_tokens, 1)
         lr = scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        n_tokens = 0
-        for a in range(accum):
-            mb = tdata.micro_batch_indices(batch, micro, a, rank, world)
-            b = {k: v.to(device) for k, v in tdata.collate(train_split, mb, pad_id).items()}
-            logits = engine(
-                input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
-            ).logits
-            loss, _, _ = tdata.token_loss_sum(logits, b["labels"])
-            engine.backward(loss * scale)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
-            n_tokens += int(sum(len(train_split.input_ids[i]) for i in mb))
-        dist.all_reduce(loss_sum)
-        step_tokens = torch.tensor(n_tokens)
-        dist.all_reduce(step_tokens)
+        loss_value, step_tokens = optimizer_step(
+            engine,
+            train_split,
+            step,
+            seed=cfg.experiment.seed,
+            global_batch=gb,
+            micro=micro,
+            accum=accum,
+            rank=rank,
+            world=world,
+            pad_id=pad_id,
+        )
         dt = time.perf_counter() - t0
-        tokens_seen += int(step_tokens)
+        tokens_seen += step_tokens
         grad_norm = engine.get_global_grad_norm()
         last = {
-            "train/loss": float(loss_sum) / max(loss_tokens, 1),
+            "train/loss": loss_value,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "train/tokens_per_s": int(step_tokens) / dt,
+            "train/tokens_per_s": step_tokens / dt,
             "train/epoch": step / max(tdata.steps_per_epoch(n, gb), 1),
         }
         done = step + 1
@@ -260,6 +250,48 @@ def train_worker(config: dict[str, Any]) -> None:
             )
     _save_final_model(engine, tok, cfg, config["run_hash"], last, rank)
     _checkpoint(engine, total, config["run_hash"], last, rank)
+
+
+def optimizer_step(
+    engine: Any,
+    split: tdata.Split,
+    step: int,
+    *,
+    seed: int,
+    global_batch: int,
+    micro: int,
+    accum: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+) -> tuple[float, int]:
+    """One optimizer step over global batch `step` (every micro-batch of this rank).
+
+    Returns the mean loss per completion token over the whole global batch and the number of
+    tokens (padding excluded) all ranks processed.
+    """
+    import torch
+    import torch.distributed as dist
+
+    batch = tdata.global_batch_indices(step, len(split), global_batch, seed)
+    loss_tokens = split.loss_tokens(batch)  # the same on every rank: the global normaliser
+    scale = accum * world / max(loss_tokens, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_tokens = 0
+    for a in range(accum):
+        mb = tdata.micro_batch_indices(batch, micro, a, rank, world)
+        b = {k: v.to(engine.device) for k, v in tdata.collate(split, mb, pad_id).items()}
+        logits = engine(
+            input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
+        ).logits
+        loss, _, _ = tdata.token_loss_sum(logits, b["labels"])
+        engine.backward(loss * scale)
+        engine.step()
+        loss_sum += loss.detach().double().cpu()
+        n_tokens += int(sum(len(split.input_ids[i]) for i in mb))
+    totals = torch.tensor([float(loss_sum), float(n_tokens)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return float(totals[0]) / max(loss_tokens, 1), int(totals[1])
 
 
 def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
