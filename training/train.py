@@ -147,6 +147,8 @@ def train_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
 
     tok, model = _load_model(cfg, config["ds_config"])
+    flops_per_token = model_flops_per_token(model.config, cfg.data.max_seq_len)
+    peak = peak_flops(t.precision) if t.use_gpu else None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -212,6 +214,8 @@ def train_worker(config: dict[str, Any]) -> None:
             "train/tokens_per_s": step_tokens / dt,
             "train/epoch": step / max(tdata.steps_per_epoch(n, gb), 1),
         }
+        if peak:
+            last["train/mfu"] = step_tokens / dt * flops_per_token / (peak * world)
         done = step + 1
         if val_split is not None and t.eval_every and done % t.eval_every == 0 and done < total:
             last.update(_validate(engine, val_split, pad_id, rank, world, micro))
@@ -292,6 +296,39 @@ def optimizer_step(
     totals = torch.tensor([float(loss_sum), float(n_tokens)], dtype=torch.float64)
     dist.all_reduce(totals)
     return float(totals[0]) / max(loss_tokens, 1), int(totals[1])
+
+
+def model_flops_per_token(model_config: Any, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder-only transformer: 6 x parameters in matmuls plus
+    the attention score/value matmuls, 12 x layers x hidden x seq (the PaLM MFU formula)."""
+    c = model_config
+    hidden, layers = c.hidden_size, c.num_hidden_layers
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    attn = hidden * head_dim * (2 * heads + 2 * kv)  # q, o and k, v projections
+    mlp = 3 * hidden * c.intermediate_size
+    matmul_params = layers * (attn + mlp) + hidden * c.vocab_size  # + the output head
+    return 6.0 * matmul_params + 12.0 * layers * hidden * seq_len
+
+
+# Dense peak FLOP/s per GPU by precision, for MFU. Unknown devices report no MFU.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+}
+
+
+def peak_flops(precision: str) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[precision]
+    return None
 
 
 def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:

@@ -224,3 +224,21 @@ def test_warmup_longer_than_run_is_clipped() -> None:
 
 def test_single_step_run_uses_full_lr() -> None:
     assert lr_multiplier(0, sched("cosine", warmup=5), 1) == pytest.approx(1.0)
+
+
+def test_model_flops_per_token_matches_hand_count() -> None:
+    from transformers import LlamaConfig
+
+    from training.train import model_flops_per_token
+
+    c = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=5,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=512,
+    )
+    # per layer: q,o 64x64 each; k,v 64x32 each; mlp 3x64x172; head 64x512
+    matmul = 5 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172) + 64 * 512
+    assert model_flops_per_token(c, 256) == 6 * matmul + 12 * 5 * 64 * 256
