@@ -8,8 +8,9 @@ prepare job rendered with the training template, so base and fine-tuned see exac
 training used. Batches are planned on the driver (by prompt length) and each carries its own
 seed, so predictions do not depend on the number of actors.
 
-Outputs: `<output_dir>/eval/<role>/predictions.jsonl` and `metrics.json`, written atomically.
-Metric names are `<task>/<metric>` (e.g. `sst2/accuracy`, `wmt/bleu`).
+Outputs: `<output_dir>/eval/<role>/predictions.jsonl` and `metrics.json`, written atomically,
+then `<output_dir>/eval/report.md` and `comparison.png` (`eval.report`) over every role whose
+outputs are current. Metric names are `<task>/<metric>` (e.g. `sst2/accuracy`, `wmt/bleu`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import pyarrow.parquet as pq
 
 from eval import metrics as M
 from eval.generate import generate, plan_batches
+from eval.report import bootstrap_by_task, intervals_of, read_predictions, write_report
 
 ROLES = ("base", "finetuned")
+CONFIDENCE = 0.95
 
 
 class EvalError(RuntimeError):
@@ -34,13 +37,34 @@ class EvalError(RuntimeError):
 
 
 def evaluate(
-    cfg: Any, manifest: dict[str, Any], role: str, log: Callable[[str], None] = print
+    cfg: Any,
+    manifest: dict[str, Any],
+    role: str,
+    log: Callable[[str], None] = print,
+    bootstrap: int | None = None,
 ) -> dict[str, Any]:
-    """Generate and score one model role on the test split; returns {"metrics", "paths"}."""
+    """Generates and scores one model role on the test split, then rewrites the report.
+
+    Args:
+        cfg: The resolved config.
+        manifest: The prepared data's manifest.
+        role: `base` or `finetuned`.
+        log: Progress lines go here.
+        bootstrap: Bootstrap resamples for confidence intervals (0: none); None reads
+            `eval.bootstrap` when the config has that field, else 0.
+
+    Returns:
+        {"metrics", "intervals", "predictions", "metrics_path", "report", "chart"}: scores,
+        `<key>: (low, high)` (empty without bootstrap) and the paths written.
+    """
     import ray
 
+    if bootstrap is None:
+        # EvalConfig has no `bootstrap` field yet (owned elsewhere); read it once it exists.
+        bootstrap = int(getattr(cfg.eval, "bootstrap", 0) or 0)
     model_path = model_path_for(cfg, role)
-    out_dir = os.path.join(cfg.experiment.output_dir, "eval", role)
+    eval_dir = os.path.join(cfg.experiment.output_dir, "eval")
+    out_dir = os.path.join(eval_dir, role)
     test = read_test_split(cfg.data_dir, manifest)
     if not test["id"]:
         raise EvalError(
@@ -48,13 +72,25 @@ def evaluate(
             "source with `split: test`"
         )
     key = _eval_hash(cfg, manifest, model_path)
+    pred_path = os.path.join(out_dir, "predictions.jsonl")
+    metrics_path = os.path.join(out_dir, "metrics.json")
     cached = _cached(out_dir, key)
     if cached is not None:
         log(f"[eval {role}] reusing {out_dir}: same model, data and settings")
+        boot = _boot_settings(bootstrap, cfg.eval.seed)
+        if cached.get("bootstrap") != boot:
+            # Intervals are a function of the predictions: add them without generating again.
+            cached["bootstrap"] = boot
+            cached["intervals"] = _intervals(
+                cached["tasks"], read_predictions(pred_path), boot, cfg.eval.bleu_tokenize
+            )
+            _write_atomic(metrics_path, json.dumps(cached, indent=2))
         return {
-            "metrics": cached,
-            "predictions": os.path.join(out_dir, "predictions.jsonl"),
-            "metrics_path": os.path.join(out_dir, "metrics.json"),
+            "metrics": cached["metrics"],
+            "intervals": cached["intervals"],
+            "predictions": pred_path,
+            "metrics_path": metrics_path,
+            **write_report(eval_dir, current_roles(cfg, manifest), cfg.eval.bleu_tokenize),
         }
 
     e = cfg.eval
@@ -100,39 +136,50 @@ def evaluate(
     assert all(p is not None for p in predictions), "an eval batch came back empty"
     preds = [str(p) for p in predictions]
 
+    tasks = task_metrics(manifest, test["task"])
     scores = score_by_task(manifest, test, preds, bleu_tokenize=e.bleu_tokenize)
     scores["eval/examples_per_s"] = len(preds) / seconds
     scores["eval/new_tokens_per_s"] = new_tokens / seconds
+    records = [
+        {
+            "id": test["id"][i],
+            "task": test["task"][i],
+            "prompt": test["prompt"][i],
+            "prediction": preds[i],
+            "reference": test["reference"][i],
+        }
+        for i in range(len(preds))
+    ]
+    boot = _boot_settings(bootstrap, e.seed)
+    intervals = _intervals(tasks, records, boot, e.bleu_tokenize)
     os.makedirs(out_dir, exist_ok=True)
-    pred_path = os.path.join(out_dir, "predictions.jsonl")
-    _write_atomic(
-        pred_path,
-        "".join(
-            json.dumps(
-                {
-                    "id": test["id"][i],
-                    "task": test["task"][i],
-                    "prompt": test["prompt"][i],
-                    "prediction": preds[i],
-                    "reference": test["reference"][i],
-                }
-            )
-            + "\n"
-            for i in range(len(preds))
-        ),
-    )
-    metrics_path = os.path.join(out_dir, "metrics.json")
+    _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in records))
     _write_atomic(
         metrics_path,
         json.dumps(
-            {"eval_hash": key, "role": role, "model": model_path, "metrics": scores}, indent=2
+            {
+                "eval_hash": key,
+                "role": role,
+                "model": model_path,
+                "metrics": scores,
+                "tasks": tasks,
+                "bootstrap": boot,
+                "intervals": intervals,
+            },
+            indent=2,
         ),
     )
     log(
         f"[eval {role}] {len(preds)} predictions in {seconds:.1f}s: "
         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if not k.startswith("eval/"))
     )
-    return {"metrics": scores, "predictions": pred_path, "metrics_path": metrics_path}
+    return {
+        "metrics": scores,
+        "intervals": intervals,
+        "predictions": pred_path,
+        "metrics_path": metrics_path,
+        **write_report(eval_dir, current_roles(cfg, manifest), e.bleu_tokenize),
+    }
 
 
 class Generator:
@@ -192,6 +239,18 @@ class Generator:
         return out
 
 
+def task_metrics(manifest: dict[str, Any], task_of: list[str]) -> dict[str, list[str]]:
+    """Metric names of each task present in the test split (the source's `metrics`, else the
+    template's defaults), in manifest order."""
+    present = set(task_of)
+    out: dict[str, list[str]] = {}
+    for spec in manifest["templates"]:
+        if spec["task"] in present:
+            template = spec["template"] if isinstance(spec["template"], str) else "custom"
+            out[spec["task"]] = list(spec.get("metrics") or M.default_metrics(template))
+    return out
+
+
 def score_by_task(
     manifest: dict[str, Any],
     test: dict[str, list[Any]],
@@ -200,13 +259,8 @@ def score_by_task(
 ) -> dict[str, float]:
     """Metrics per task (the source's `metrics`, else the template's defaults)."""
     scores: dict[str, float] = {}
-    for spec in manifest["templates"]:
-        task = spec["task"]
+    for task, names in task_metrics(manifest, test["task"]).items():
         idx = [i for i, t in enumerate(test["task"]) if t == task]
-        if not idx:
-            continue
-        template = spec["template"] if isinstance(spec["template"], str) else "custom"
-        names = spec.get("metrics") or M.default_metrics(template)
         result = M.compute_metrics(
             names,
             [preds[i] for i in idx],
@@ -215,6 +269,21 @@ def score_by_task(
         )
         scores.update({f"{task}/{k}": float(v) for k, v in result.items()})
     return scores
+
+
+def current_roles(cfg: Any, manifest: dict[str, Any]) -> list[str]:
+    """Roles whose outputs on disk match the current model, data and eval settings, so the
+    report never mixes in a stale run (e.g. the fine-tuned eval of an older training run)."""
+    roles = []
+    for role in ROLES:
+        try:
+            path = model_path_for(cfg, role)
+        except EvalError:
+            continue
+        out_dir = os.path.join(cfg.experiment.output_dir, "eval", role)
+        if _cached(out_dir, _eval_hash(cfg, manifest, path)) is not None:
+            roles.append(role)
+    return roles
 
 
 def model_path_for(cfg: Any, role: str) -> str:
@@ -247,22 +316,50 @@ def _eval_hash(cfg: Any, manifest: dict[str, Any], model_path: str) -> str:
     payload = {
         "model": model_id,
         "data": manifest["fingerprint"],
+        # Settings that cannot change a prediction stay out: the actor count, and `bootstrap`
+        # (a proposed EvalConfig field), whose intervals are recomputed from cached predictions.
         "eval": {
             k: v
             for k, v in cfg.eval.model_dump(mode="json").items()
-            if k not in ("num_workers", "cpus_per_worker", "models")
+            if k not in ("num_workers", "cpus_per_worker", "models", "bootstrap")
         },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(out_dir: str, key: str) -> dict[str, float] | None:
+def _cached(out_dir: str, key: str) -> dict[str, Any] | None:
+    """The whole metrics.json when it was written for `key` by this version of the job."""
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.exists(path) or not os.path.exists(os.path.join(out_dir, "predictions.jsonl")):
         return None
     with open(path) as f:
         data = json.load(f)
-    return data["metrics"] if data.get("eval_hash") == key else None  # type: ignore[no-any-return]
+    # Outputs written before `tasks` was recorded cannot be bootstrapped or reported: redo them.
+    return data if data.get("eval_hash") == key and "tasks" in data else None  # type: ignore[no-any-return]
+
+
+def _boot_settings(samples: int, seed: int) -> dict[str, Any] | None:
+    return {"samples": samples, "seed": seed, "confidence": CONFIDENCE} if samples > 0 else None
+
+
+def _intervals(
+    tasks: dict[str, list[str]],
+    records: list[dict[str, Any]],
+    boot: dict[str, Any] | None,
+    bleu_tokenize: str,
+) -> dict[str, tuple[float, float]]:
+    if boot is None:
+        return {}
+    samples = bootstrap_by_task(
+        tasks,
+        [r["task"] for r in records],
+        [r["prediction"] for r in records],
+        [[r["reference"]] if isinstance(r["reference"], str) else r["reference"] for r in records],
+        n=boot["samples"],
+        seed=boot["seed"],
+        bleu_tokenize=bleu_tokenize,
+    )
+    return intervals_of(samples, boot["confidence"])
 
 
 def _write_atomic(path: str, text: str) -> None:

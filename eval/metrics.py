@@ -532,6 +532,76 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def bootstrap_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
+    """Resample indices for a percentile bootstrap: ``n`` rows of ``num_examples`` draws.
+
+    The indices depend only on (num_examples, n, seed), so two systems scored on the same test
+    set with the same seed see the same resamples: their per-resample differences form a
+    paired bootstrap of the delta.
+
+    Args:
+        num_examples: Size of the test set (> 0).
+        n: Number of resamples.
+        seed: Seed of numpy's ``default_rng``.
+
+    Returns:
+        An int64 array of shape ``(n, num_examples)``.
+    """
+    if num_examples <= 0:
+        raise ValueError("no examples to bootstrap")
+    return np.random.default_rng(seed).integers(0, num_examples, size=(n, num_examples))
+
+
+def bootstrap_scores(
+    name: str,
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    indices: np.ndarray,
+    options: Mapping[str, Any] | MetricOptions | None = None,
+) -> dict[str, np.ndarray]:
+    """Every reported key of a metric on every bootstrap resample.
+
+    Per-example statistics are computed once; each resample then sums (BLEU/chrF stay corpus
+    scores, as in sacreBLEU's own bootstrap) or averages them.
+
+    Args:
+        name: The metric name.
+        predictions: One prediction per example.
+        references: One list of references per example.
+        indices: ``(n, num_examples)`` resample indices, e.g. from ``bootstrap_indices``.
+        options: ``MetricOptions`` fields as a dict.
+
+    Returns:
+        Reported key -> float array of ``n`` scores (0-100).
+    """
+    _check_name(name)
+    opts = MetricOptions.from_dict(options)
+    refs = _check_inputs(predictions, references)
+    if not refs:
+        raise ValueError("no examples to bootstrap")
+    params, segments = _segment_stats(name, list(predictions), refs, opts)
+    keys = list(finalize(name, _stats_from_segments(name, params, segments)))
+    if name not in _COUNT_METRICS:
+        # Mean metrics: one column per key, in finalize's key order.
+        table = np.asarray(segments, dtype=np.float64)
+        means = 100.0 * table[indices].mean(axis=1)
+        return {k: means[:, i] for i, k in enumerate(keys)}
+    counts = np.asarray(segments, dtype=np.int64)[indices].sum(axis=1)
+    out = {k: np.empty(len(indices), dtype=np.float64) for k in keys}
+    for r, row in enumerate(counts):
+        stats = MetricStats(name, params, indices.shape[1], tuple(int(c) for c in row))
+        for k, v in finalize(name, stats).items():
+            out[k][r] = v
+    return out
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles of ``samples``."""
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 # --------------------------------------------------------------------------- helpers
 
 _SQUAD_PUNCT = frozenset(string.punctuation)
@@ -768,6 +838,8 @@ __all__ = [
     "MetricOptions",
     "MetricStats",
     "bootstrap_ci",
+    "bootstrap_indices",
+    "bootstrap_scores",
     "compute_metrics",
     "default_metrics",
     "finalize",
@@ -777,6 +849,7 @@ __all__ = [
     "normalize_answer",
     "normalize_label",
     "parse_entities",
+    "percentile_interval",
     "split_sentences",
     "squad_exact_match",
     "squad_f1",

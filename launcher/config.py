@@ -90,6 +90,15 @@ class DataConfig(_Strict):
     """Cap on test records per source (eval cost); the rest of the test split is dropped."""
 
 
+class LoraSettings(_Strict):
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
 class TrainConfig(_Strict):
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
@@ -123,6 +132,9 @@ class TrainConfig(_Strict):
     """Validation loss every N steps (0: only at the end)."""
     ds_config: str | None = None
     """A DeepSpeed JSON merged over the generated one; batch-size keys must agree."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (peft) instead of all weights; `model/` gets the merged model and
+    `model/adapter/` the adapter alone."""
     stop_after_steps: int | None = Field(default=None, gt=0)
     """Stop (after checkpointing) once this step is reached, as if interrupted: for resume tests."""
 
@@ -154,6 +166,8 @@ class EvalConfig(_Strict):
     max_prompt_len: int | None = Field(default=None, gt=0)
     bleu_tokenize: str = "13a"
     seed: int = 0
+    bootstrap: int = Field(default=0, ge=0)
+    """Bootstrap resamples for confidence intervals in the eval report (0: none)."""
 
 
 class TrackingConfig(_Strict):
@@ -228,6 +242,11 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append("train.offload_params: parameter offload needs train.zero_stage=3")
     if t.offload_optimizer and t.zero_stage == 0:
         problems.append("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
+    if t.lora is not None and t.zero_stage == 3:
+        problems.append(
+            "train.lora: LoRA is supported with train.zero_stage 0-2 (the adapter "
+            "is small; ZeRO-3 buys nothing there)"
+        )
     if not t.use_gpu and t.precision == "fp16":
         problems.append("train.precision: fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16")
     if (

@@ -128,6 +128,12 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items()})
         mlflow.log_artifact(out["predictions"])
         mlflow.log_artifact(out["metrics_path"])
+        # The predictions as an MLflow table: browsable and comparable across runs in the UI.
+        with open(out["predictions"], encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if rows:
+            columns = {k: [str(r.get(k, "")) for r in rows] for k in rows[0]}
+            mlflow.log_table(data=columns, artifact_file="predictions_table.json")
 
     def log_comparison(self, evals: dict[str, dict[str, float]]) -> None:
         """Base vs fine-tuned on the pipeline run itself, for one-glance comparison."""
@@ -141,6 +147,11 @@ class Tracker:
                 if not k.startswith("eval/"):
                     client.log_metric(self.parent_id, f"{role}/{k}", float(v))
         client.log_text(self.parent_id, json.dumps(evals, indent=2), "eval/comparison.json")
+        # report.md and comparison.png, written by the eval job next to the role folders.
+        eval_dir = os.path.join(self.cfg.experiment.output_dir, "eval")
+        for name in ("report.md", "comparison.png"):
+            if os.path.exists(os.path.join(eval_dir, name)):
+                client.log_artifact(self.parent_id, os.path.join(eval_dir, name), "eval")
 
 
 def _git_commit() -> str | None:

@@ -252,8 +252,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 f"{last['val/token_accuracy']:.3f}",
                 flush=True,
             )
-    _save_final_model(engine, tok, cfg, config["run_hash"], last, rank)
+    # Checkpoint before the final model: merging LoRA weights changes the module in place.
     _checkpoint(engine, total, config["run_hash"], last, rank)
+    _save_final_model(engine, tok, cfg, config["run_hash"], last, rank)
 
 
 def optimizer_step(
@@ -346,13 +347,27 @@ def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
 
         dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         dtype=dtype[cfg.model.dtype],
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     model.config.use_cache = False
+    if cfg.train.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.train.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     del dschf
@@ -425,8 +440,13 @@ def _save_final_model(
     final = cfg.model_dir
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    module = engine.module
+    if cfg.train.lora is not None:
+        module.save_pretrained(os.path.join(tmp, "adapter"))  # the adapter alone (peft format)
+        module = module.merge_and_unload()
+        state = module.state_dict()
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
         json.dump({"run_hash": run_hash, "metrics": metrics}, f, indent=2)

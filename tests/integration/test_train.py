@@ -184,3 +184,29 @@ def test_two_node_cluster_trains_and_checkpoints_to_shared_storage(tmp_path: Pat
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_lora_trains_adapters_and_saves_merged_model(local_ray, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    db = tmp_path / "mlflow.db"
+    cfg = config(
+        tmp_path / "lora",
+        max_steps=3,
+        lr=1e-2,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
+    losses = run_train(cfg, db)
+    assert losses[-1] < losses[0]
+    out = tmp_path / "lora" / "model"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    base = AutoModelForCausalLM.from_pretrained(ASSETS / "models" / "stories260K")
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    # Only the targeted projections changed (merged adapters); everything else is the base.
+    changed = {k for k in b if not torch.equal(b[k], t[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
