@@ -92,6 +92,9 @@ def ensure_ray(cfg: Config) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
         return
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray job (`ift submit`): join its cluster
+        ray.init(logging_level=logging.WARNING)
+        return
     ray.init(
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=False,
