@@ -33,7 +33,8 @@ lint: install
 BENCHMARKS := $(filter-out benchmarks/table.py,$(wildcard benchmarks/[!_]*.py))
 
 bench: install
-	@set -e; for f in $(BENCHMARKS); do echo "== $$f"; $(PY) $$f; done
+	@# As modules from the repo root: run as files, benchmarks/eval.py would hide the eval package.
+	@set -e; for f in $(BENCHMARKS); do echo "== $$f"; $(PY) -m benchmarks.$$(basename $$f .py); done
 	$(PY) -m benchmarks.table
 
 clean:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+
 IGNORE_INDEX = -100
 
 
@@ -34,7 +36,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     for index, length in enumerate(lengths):
         if not 1 <= length <= capacity:
             raise ValueError(f"item {index} has length {length}, outside 1..{capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # Longest first, equal lengths in index order: a stable sort of the negated lengths.
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     bins: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (remaining capacity, bin id), kept sorted
     for index in order:

@@ -3,61 +3,115 @@
     ift prepare configs/quickstart.yaml
 
 Reads top to bottom: `prepare()` is the driver; `ShardWorker` is the Ray Data actor that parses,
-renders and tokenizes one unit of input (a file or a line-aligned byte range of one); the rest
-are small helpers. Dedupe, caps, splitting, packing and writing happen on the driver over the
-tokenized rows, kept in input order, so the output depends only on the inputs and the config,
-never on the number of workers or the order in which tasks finish.
+renders, splits and tokenizes one unit of input (a file, or a line-aligned range of one); the
+rest are small helpers.
 
-Crash safety: shards are written to a temporary folder that is moved into place, and
+The workers do everything that is per record, including the split assignment (a hash of the
+prompt and the seed). The driver receives their Arrow tables in input order and never turns a
+token into a Python object: it appends each split's rows to a spill file (Arrow IPC, memory
+mapped when read back) and keeps only a few numbers per row (content and prompt keys, source,
+split). Dedupe, the per-source caps and the train/test overlap check are then array operations
+over those keys, packing works from the lengths alone, and the shards are written in slices.
+The driver's memory therefore grows by tens of bytes per record, not with the token data, and
+the output depends only on the inputs and the config, never on the number of workers or the
+order in which tasks finish.
+
+Crash safety: everything is written to a temporary folder that is moved into place, and
 `manifest.json` is written last, atomically. No manifest, no dataset.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data_pipeline import pack, split, templates, tokenize
+from data_pipeline import pack, sources, split, templates, tokenize
 from data_pipeline.sources import Reject, detect_format, parse_bytes, read_hf_dataset
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
-# Line-delimited formats are cut into byte ranges of about this size so that one big file still
-# spreads over every worker; other formats (json arrays, csv with quoted newlines, parquet)
-# go whole.
+SPILL = ".spill"
+# Line-delimited files are cut at newlines into about 8 ranges each (64 KiB .. 4 MiB), so that
+# one big file still spreads over every worker and the driver can start on the first range
+# while the rest are tokenized. The cut depends on the file alone, never on the worker count.
+# Other formats (json arrays, csv with quoted newlines, parquet) go whole.
+RANGES_PER_FILE = 8
+MIN_CHUNK_BYTES = 64 << 10
 CHUNK_BYTES = 4 << 20
-ROWS_PER_SHARD = 50_000
+# Nominal gzip ratio of text, to size the ranges of a .gz file from its compressed size.
+GZIP_RATIO = 3
 LINE_FORMATS = ("jsonl", "tsv")
+ROWS_PER_SHARD = 50_000
+# Packed rows are built and written this many at a time (a divisor of ROWS_PER_SHARD, so a
+# slice never straddles two shard files).
+PACK_SLICE_ROWS = 5_000
 # The tokenizer's identity is every file in its folder except model weights (too big to hash).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
+SPLIT_CODES = {name: code for code, name in enumerate(split.SPLITS)}
+_I32_LIST = pa.list_(pa.int32())
+# What a worker returns for one unit: good rows (`ok`) and rejects in one table.
 ROW_SCHEMA = pa.schema(
     [
         ("ok", pa.bool_()),
         ("source", pa.int32()),
-        ("file", pa.string()),
         ("line", pa.int64()),
-        ("reason", pa.string()),
-        ("split_key", pa.string()),
-        ("content_key", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("prompt_ids", pa.list_(pa.int32())),
+        ("part", pa.int32()),  # which file of its source
+        ("file", pa.string()),  # rejects only
+        ("reason", pa.string()),  # rejects only
+        ("split", pa.int8()),
+        # 128-bit content key (exact duplicates) and prompt key (train/test overlap).
+        ("ck_hi", pa.uint64()),
+        ("ck_lo", pa.uint64()),
+        ("pk_hi", pa.uint64()),
+        ("pk_lo", pa.uint64()),
+        ("input_ids", _I32_LIST),
+        ("labels", _I32_LIST),
+        ("loss_tokens", pa.int32()),
+        # The test split's generation inputs; null on every other row.
         ("prompt", pa.string()),
         ("reference", pa.string()),
+        ("prompt_ids", _I32_LIST),
     ]
 )
+# What the shards hold (see DESIGN.md, "Prepared data"); the test split keeps its text too.
+PLAIN_SCHEMA = pa.schema([("input_ids", _I32_LIST), ("labels", _I32_LIST), ("seq_lens", _I32_LIST)])
+TEST_SCHEMA = pa.schema(
+    list(PLAIN_SCHEMA)
+    + [
+        ("id", pa.string()),
+        ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("prompt_ids", _I32_LIST),
+    ]
+)
+SPILL_COLUMNS = [
+    "source",
+    "part",
+    "line",
+    "input_ids",
+    "labels",
+    "loss_tokens",
+    "prompt",
+    "reference",
+    "prompt_ids",
+]
 
 
 class PrepareError(RuntimeError):
@@ -74,7 +128,12 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         log: progress printer.
 
     Returns:
-        The manifest (also written to `<data_dir>/manifest.json`).
+        The manifest (also written to `<data_dir>/manifest.json`); `reused` is True when an
+        existing result was returned without recomputing.
+
+    Raises:
+        PrepareError: No file matches a source, or too many records were rejected (then no
+            manifest is written and an existing output folder is left as it was).
     """
     out_dir = cfg.data_dir
     tok_path = cfg.model.tokenizer or cfg.model.name_or_path
@@ -86,7 +145,7 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"[prepare] reusing {out_dir}: same inputs and settings "
             f"(fingerprint {existing['fingerprint'][:12]})"
         )
-        return existing
+        return {**existing, "reused": True}
 
     import ray
 
@@ -105,12 +164,15 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output order == input order, for determinism
     ctx.enable_progress_bars = False
+    spec = tokenizer_spec(tok_path, cfg.model.trust_remote_code)
+    t_spec = time.perf_counter() - t0
     worker_args = {
         "sources": [s.model_dump(mode="json") for s in cfg.data.sources],
-        "tokenizer_path": tok_path,
+        "tokenizer": spec,
         "max_seq_len": cfg.data.max_seq_len,
         "truncation": cfg.data.truncation,
-        "trust_remote_code": cfg.model.trust_remote_code,
+        "seed": cfg.experiment.seed,
+        "ratios": dict(cfg.data.split),
     }
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         ShardWorker,
@@ -120,26 +182,36 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=n_workers),
         num_cpus=cpus,
     )
-    rows_by_split, rejects, stats = _collect(
-        cfg, ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    )
-    t_tok = time.perf_counter() - t0
-    total = stats["good"] + len(rejects)
-    reject_fraction = len(rejects) / total if total else 1.0
-    if total == 0 or reject_fraction > cfg.data.max_reject_fraction:
-        tmp_rejects = _write_rejects(out_dir, rejects)
-        raise PrepareError(
-            f"{len(rejects)} of {total} records rejected ({reject_fraction:.1%} > "
-            f"data.max_reject_fraction {cfg.data.max_reject_fraction:.1%}); no dataset written. "
-            f"See {tmp_rejects}" + (f"; first: {_fmt_reject(rejects[0])}" if rejects else "")
-        )
-    manifest = _write_dataset(cfg, out_dir, rows_by_split, rejects, stats, config_hash, tok_path)
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, SPILL))
+    try:
+        spilled = _spill(ds.iter_batches(batch_format="pyarrow", batch_size=None), tmp)
+        # Line numbers only identify a record within its file: name the file when there are several.
+        spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
+        t_tok = time.perf_counter() - t0
+        total = spilled["good"] + spilled["rejected"]
+        reject_fraction = spilled["rejected"] / total if total else 1.0
+        if total == 0 or reject_fraction > cfg.data.max_reject_fraction:
+            kept_rejects = f"{out_dir.rstrip('/')}.rejects.jsonl"
+            os.replace(os.path.join(tmp, REJECTS), kept_rejects)
+            first = spilled["first_reject"]
+            raise PrepareError(
+                f"{spilled['rejected']} of {total} records rejected ({reject_fraction:.1%} > "
+                f"data.max_reject_fraction {cfg.data.max_reject_fraction:.1%}); no dataset "
+                f"written. See {kept_rejects}" + (f"; first: {_fmt_reject(first)}" if first else "")
+            )
+        keep, stats = _select(cfg, spilled)
+        manifest = _write_dataset(cfg, tmp, out_dir, keep, spilled, stats, config_hash, tok_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     log(
-        f"[prepare] {stats['good']} examples, {len(rejects)} rejected, "
+        f"[prepare] {spilled['good']} examples, {spilled['rejected']} rejected, "
         + ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in split.SPLITS)
-        + f" in {time.perf_counter() - t0:.1f}s (tokenize {t_tok:.1f}s)"
+        + f" in {time.perf_counter() - t0:.1f}s (tokenizer load {t_spec:.1f}s, workers "
+        f"{t_tok - t_spec:.1f}s, select/pack/write {time.perf_counter() - t0 - t_tok:.1f}s)"
     )
-    return manifest
+    return {**manifest, "reused": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,54 +220,51 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 class ShardWorker:
-    """Parse, template and tokenize one input unit. The tokenizer is loaded once per actor."""
+    """Parse, template, split and tokenize one input unit. The tokenizer is built once."""
 
     def __init__(
         self,
         sources: list[dict[str, Any]],
-        tokenizer_path: str,
+        tokenizer: dict[str, Any],
         max_seq_len: int,
         truncation: str,
-        trust_remote_code: bool = False,
+        seed: int,
+        ratios: dict[str, float],
     ) -> None:
-        self.sources = sources
-        self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
-        self.bos, self.eos = special_ids(self.tok)
+        self.renderers = [templates.renderer(s["template"], s["params"]) for s in sources]
+        self.pinned = [s["split"] for s in sources]
+        self.encode = make_encoder(tokenizer)
+        self.bos, self.eos = tokenizer["bos"], tokenizer["eos"]
         self.max_seq_len = max_seq_len
         self.truncation = truncation
+        self.choose_split = split.split_chooser(seed, ratios)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = _empty_columns()
-        for unit in batch.to_pylist():
-            self._process(unit, out)
-        return pa.table(out, schema=ROW_SCHEMA)
+        tables = [self._process(unit) for unit in batch.to_pylist()]
+        return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
-    def _process(self, unit: dict[str, Any], out: dict[str, list[Any]]) -> None:
+    def _process(self, unit: dict[str, Any]) -> pa.Table:
         src_idx = unit["source"]
-        src = self.sources[src_idx]
-        label = unit["path"]
+        render = self.renderers[src_idx]
+        rejects: list[tuple[int, str]] = []
         rendered: list[tuple[int, list[tuple[str, str]]]] = []
         for line, rec in _records(unit):
             if isinstance(rec, Reject):
-                _add_reject(out, src_idx, label, line, rec.reason)
+                rejects.append((line, rec.reason))
                 continue
             try:
-                turns = templates.render(src["template"], rec, src["params"])
+                rendered.append((line, render(rec)))
             except templates.TemplateError as e:
-                _add_reject(out, src_idx, label, line, str(e))
-                continue
-            rendered.append((line, turns))
-        if not rendered:
-            return
-        # One batched call per unit: the fast tokenizer parallelises inside it.
+                rejects.append((line, str(e)))
+        # One tokenizer call per unit: the per-call overhead is paid once.
         texts = [t for _, turns in rendered for pair in turns for t in pair]
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        ids = self.encode(texts) if texts else []
+        good = _Columns()
         pos = 0
         for line, turns in rendered:
-            n = len(turns)
-            chunk = ids[pos : pos + 2 * n]
-            pos += 2 * n
-            p_ids, c_ids = chunk[0::2], chunk[1::2]
+            n = 2 * len(turns)
+            p_ids, c_ids = ids[pos : pos + n : 2], ids[pos + 1 : pos + n : 2]
+            pos += n
             try:
                 input_ids, labels = tokenize.build_example(
                     p_ids,
@@ -206,24 +275,130 @@ class ShardWorker:
                     truncation=self.truncation,
                 )
             except tokenize.LengthError as e:
-                _add_reject(out, src_idx, label, line, str(e))
+                rejects.append((line, str(e)))
                 continue
-            prompt_ids = tokenize.prompt_ids_for_generation(
-                p_ids, c_ids, self.bos, self.max_seq_len
-            )
-            prompt_text = "".join(p + c for p, c in turns[:-1]) + turns[-1][0]
-            out["ok"].append(True)
-            out["source"].append(src_idx)
-            out["file"].append(label)
-            out["line"].append(line)
-            out["reason"].append(None)
-            out["split_key"].append(split.record_key(turns))
-            out["content_key"].append(split.content_key(turns))
-            out["input_ids"].append(input_ids)
-            out["labels"].append(labels)
-            out["prompt_ids"].append(prompt_ids)
-            out["prompt"].append(prompt_text)
-            out["reference"].append(turns[-1][1])
+            pk, ck = split.keys(turns)
+            name = self.pinned[src_idx] or self.choose_split(pk.hex())
+            good.add(line, SPLIT_CODES[name], ck, pk, input_ids, labels)
+            if name == "test":
+                good.add_test(
+                    "".join(p + c for p, c in turns[:-1]) + turns[-1][0],
+                    turns[-1][1],
+                    tokenize.prompt_ids_for_generation(p_ids, c_ids, self.bos, self.max_seq_len),
+                )
+            else:
+                good.add_test(None, None, [])
+        rejects.sort(key=lambda r: r[0])  # length rejects are found last; report in file order
+        return good.table(src_idx, unit["part"], unit["path"], rejects)
+
+
+class _Columns:
+    """Column buffers of one unit's good rows: flat Python lists, one Arrow array each."""
+
+    def __init__(self) -> None:
+        self.line: list[int] = []
+        self.split: list[int] = []
+        self.keys: list[bytes] = []
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.offsets: list[int] = [0]
+        self.loss_tokens: list[int] = []
+        self.prompt: list[str | None] = []
+        self.reference: list[str | None] = []
+        self.prompt_ids: list[int] = []
+        self.prompt_offsets: list[int] = [0]
+
+    def add(
+        self, line: int, split_code: int, ck: bytes, pk: bytes, ids: list[int], labels: list[int]
+    ) -> None:
+        self.line.append(line)
+        self.split.append(split_code)
+        self.keys.append(ck + pk)
+        self.ids += ids
+        self.labels += labels
+        self.offsets.append(len(self.ids))
+        self.loss_tokens.append(len(labels) - labels.count(tokenize.IGNORE_INDEX))
+
+    def add_test(self, prompt: str | None, reference: str | None, prompt_ids: list[int]) -> None:
+        self.prompt.append(prompt)
+        self.reference.append(reference)
+        self.prompt_ids += prompt_ids
+        self.prompt_offsets.append(len(self.prompt_ids))
+
+    def table(self, source: int, part: int, file: str, rejects: list[tuple[int, str]]) -> pa.Table:
+        """The good rows, then the rejects (whose other columns are zero, empty or null)."""
+        n, r = len(self.line), len(rejects)
+        # The four 64-bit halves of the content and prompt keys, from the concatenated digests.
+        keys = np.frombuffer(b"".join(self.keys), dtype=">u8").reshape(n, 4).astype(np.uint64)
+        keys = np.concatenate([keys, np.zeros((r, 4), np.uint64)])
+
+        def lists(offsets: list[int], values: list[int]) -> pa.Array:
+            offs = np.asarray(offsets + [offsets[-1]] * r, np.int32)
+            return pa.ListArray.from_arrays(pa.array(offs), pa.array(values, pa.int32()))
+
+        def numbers(values: list[int], dtype: Any) -> pa.Array:
+            return pa.array(np.asarray(values + [0] * r, dtype))
+
+        cols = {
+            "ok": pa.array(np.arange(n + r) < n),
+            "source": pa.array(np.full(n + r, source, np.int32)),
+            "part": pa.array(np.full(n + r, part, np.int32)),
+            "line": pa.array(np.asarray(self.line + [line for line, _ in rejects], np.int64)),
+            "file": pa.array([None] * n + [file] * r, pa.string()),
+            "reason": pa.array([None] * n + [reason for _, reason in rejects], pa.string()),
+            "split": numbers(self.split, np.int8),
+            "ck_hi": pa.array(keys[:, 0]),
+            "ck_lo": pa.array(keys[:, 1]),
+            "pk_hi": pa.array(keys[:, 2]),
+            "pk_lo": pa.array(keys[:, 3]),
+            "input_ids": lists(self.offsets, self.ids),
+            "labels": lists(self.offsets, self.labels),
+            "loss_tokens": numbers(self.loss_tokens, np.int32),
+            "prompt": pa.array(self.prompt + [None] * r, pa.string()),
+            "reference": pa.array(self.reference + [None] * r, pa.string()),
+            "prompt_ids": lists(self.prompt_offsets, self.prompt_ids),
+        }
+        return pa.table(cols, schema=ROW_SCHEMA)
+
+
+def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """What a worker needs to tokenize exactly as `AutoTokenizer.from_pretrained(path)` does.
+
+    The driver loads the tokenizer once with transformers (the reference every stage uses) and
+    ships its Rust backend as JSON: workers then need only the `tokenizers` package, which
+    imports in a fraction of the time transformers takes. A tokenizer without a Rust backend
+    is loaded by path in each worker instead.
+    """
+    tok = load_tokenizer(path, trust_remote_code)
+    bos, eos = special_ids(tok)
+    backend = getattr(tok, "backend_tokenizer", None)
+    return {
+        "json": backend.to_str() if backend is not None else None,
+        "path": path,
+        "trust_remote_code": trust_remote_code,
+        "bos": bos,
+        "eos": eos,
+    }
+
+
+def make_encoder(spec: dict[str, Any]) -> Callable[[list[str]], list[list[int]]]:
+    """texts -> token ids without special tokens, truncation or padding (see tokenizer_spec)."""
+    if spec["json"] is None:
+        tok = load_tokenizer(spec["path"], spec["trust_remote_code"])
+
+        def encode_slow(texts: list[str]) -> list[list[int]]:
+            return tok(texts, add_special_tokens=False)["input_ids"]  # type: ignore[no-any-return]
+
+        return encode_slow
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(spec["json"])
+    # transformers clears these for a call without truncation or padding; so must we.
+    backend.no_truncation()
+    backend.no_padding()
+    # encode_batch_fast skips the character offsets, which nothing here uses.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -241,15 +416,16 @@ def special_ids(tok: Any) -> tuple[int | None, int]:
     return (None if bos is None or bos == eos else bos), eos
 
 
-def _records(unit: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _records(unit: dict[str, Any]) -> Iterator[sources.Parsed]:
     """(line, record | Reject) for one unit, with line numbers of the whole file."""
     if unit["fmt"] == "hf":
         yield from read_hf_dataset(unit["path"], unit["path"])
         return
-    data = _read_range(unit["path"], unit["start"], unit["end"])
+    data = _read_unit(unit)
     header = b""
     if unit["start"] > 0 and unit["fmt"] == "tsv":
-        header = _read_header(unit["path"])
+        header = _read_unit({**unit, "start": 0, "end": 1 << 16})
+        header = header[: header.find(b"\n") + 1]
     shift = unit["first_line"] - 1 - (1 if header else 0)
     for line, rec in parse_bytes(header + data, unit["path"], unit["fmt"]):
         if isinstance(rec, Reject):
@@ -258,97 +434,159 @@ def _records(unit: dict[str, Any]):  # type: ignore[no-untyped-def]
 
 
 # --------------------------------------------------------------------------------------------
-# Driver helpers
+# Driver: spill, select, pack, write
 # --------------------------------------------------------------------------------------------
 
 
-def _collect(cfg: Any, batches: Any) -> tuple[dict[str, list[dict[str, Any]]], list[dict], dict]:
-    """Dedupe, cap per source, assign splits; everything in input order."""
-    ratios = cfg.data.split
-    seed = cfg.experiment.seed
-    seen: set[str] = set()
-    kept_per_source = [0] * len(cfg.data.sources)
-    test_per_source = [0] * len(cfg.data.sources)
-    rows_by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in split.SPLITS}
-    rejects: list[dict[str, Any]] = []
-    stats = {"good": 0, "duplicates": 0, "capped": 0}
-    for table in batches:
-        for row in table.to_pylist():
-            src = cfg.data.sources[row["source"]]
-            if not row["ok"]:
-                rejects.append(
-                    {"source": row["file"], "line": row["line"], "reason": row["reason"]}
-                )
+def _spill(batches: Iterable[pa.Table], tmp: str) -> dict[str, Any]:
+    """Stream the workers' tables (in input order) into per-split spill files and rejects.jsonl.
+
+    Returns the per-row keys of the good rows (numpy arrays, in input order) and counts.
+    """
+    writers: dict[str, Any] = {}
+    keys: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("ck_hi", "ck_lo", "pk_hi", "pk_lo", "source", "split")
+    }
+    rejected = 0
+    first_reject: dict[str, Any] | None = None
+    spill_schema = ROW_SCHEMA.empty_table().select(SPILL_COLUMNS).schema
+    with open(os.path.join(tmp, REJECTS), "w") as rejects_file:
+        for table in batches:
+            ok = table.column("ok").to_numpy()
+            if not ok.all():
+                bad = table.filter(pc.invert(table.column("ok")))
+                for row in bad.select(["file", "line", "reason"]).to_pylist():
+                    reject = {"source": row["file"], "line": row["line"], "reason": row["reason"]}
+                    rejects_file.write(json.dumps(reject) + "\n")
+                    first_reject = first_reject or reject
+                rejected += bad.num_rows
+                table = table.filter(table.column("ok"))
+            if table.num_rows == 0:
                 continue
-            stats["good"] += 1
-            if cfg.data.dedupe:
-                if row["content_key"] in seen:
-                    stats["duplicates"] += 1
+            for k, parts in keys.items():
+                parts.append(table.column(k).to_numpy())
+            codes = keys["split"][-1]
+            for name, code in SPLIT_CODES.items():
+                mask = codes == code
+                if not mask.any():
                     continue
-                seen.add(row["content_key"])
-            if src.max_records is not None and kept_per_source[row["source"]] >= src.max_records:
-                stats["capped"] += 1
-                continue
-            kept_per_source[row["source"]] += 1
-            name = src.split or split.assign_split(row["split_key"], seed, ratios)
-            if name == "test" and cfg.data.max_test_records is not None:
-                if test_per_source[row["source"]] >= cfg.data.max_test_records:
-                    stats["capped"] += 1
-                    continue
-                test_per_source[row["source"]] += 1
-            rows_by_split[name].append(row)
-    return rows_by_split, rejects, stats
+                if name not in writers:
+                    path = os.path.join(tmp, SPILL, f"{name}.arrow")
+                    writers[name] = pa.ipc.new_file(path, spill_schema)
+                part = table.filter(pa.array(mask)).select(SPILL_COLUMNS)
+                writers[name].write_table(part)
+    for w in writers.values():
+        w.close()
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in keys.items()}
+    return {
+        **arrays,
+        "good": len(arrays["split"]),
+        "rejected": rejected,
+        "first_reject": first_reject,
+        "spill": {name: os.path.join(tmp, SPILL, f"{name}.arrow") for name in writers},
+    }
+
+
+def _select(cfg: Any, spilled: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
+    """Which good rows are kept: dedupe, per-source caps, then no prompt in two splits.
+
+    Every rule is taken in input order, so the result does not depend on how the input was
+    cut into units or on which worker finished first.
+    """
+    n = spilled["good"]
+    source, codes = spilled["source"].astype(np.int64), spilled["split"]
+    keep = np.ones(n, bool)
+    stats = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0}
+    if cfg.data.dedupe and n:
+        # The first occurrence of each content key wins (np.unique's index is the first one).
+        _, first = np.unique(_key128(spilled["ck_hi"], spilled["ck_lo"]), return_index=True)
+        keep[:] = False
+        keep[first] = True
+        stats["duplicates"] = int(n - keep.sum())
+    test = codes == SPLIT_CODES["test"]
+    for i, src in enumerate(cfg.data.sources):
+        mine = source == i
+        if src.max_records is not None:
+            over = keep & mine & (np.cumsum(keep & mine) > src.max_records)
+            stats["capped"] += int(over.sum())
+            keep &= ~over
+        if cfg.data.max_test_records is not None:
+            mine_test = keep & mine & test
+            over = mine_test & (np.cumsum(mine_test) > cfg.data.max_test_records)
+            stats["capped"] += int(over.sum())
+            keep &= ~over
+    # A prompt lands in one split by its hash, but a source pinned to a split can still bring
+    # a prompt that another source put elsewhere: test wins over validation over train.
+    prompt = _key128(spilled["pk_hi"], spilled["pk_lo"])
+    for later in ("test", "validation"):
+        held = prompt[keep & (codes == SPLIT_CODES[later])]
+        earlier = keep & (codes < SPLIT_CODES[later])
+        if held.size and earlier.any():
+            leak = earlier & np.isin(prompt, held)
+            stats["overlap"] += int(leak.sum())
+            keep &= ~leak
+    return keep, stats
+
+
+def _key128(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    out = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8")])
+    out["hi"], out["lo"] = hi, lo
+    return out
 
 
 def _write_dataset(
     cfg: Any,
+    tmp: str,
     out_dir: str,
-    rows_by_split: dict[str, list[dict[str, Any]]],
-    rejects: list[dict[str, Any]],
+    keep: np.ndarray,
+    spilled: dict[str, Any],
     stats: dict[str, int],
     config_hash: str,
     tok_path: str,
 ) -> dict[str, Any]:
-    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    names = [s.task_name for s in cfg.data.sources]
+    capacity = cfg.data.max_seq_len
     digest = hashlib.sha256()
     splits: dict[str, Any] = {}
-    names = [s.task_name for s in cfg.data.sources]
     for name in split.SPLITS:
-        rows = rows_by_split[name]
-        lengths = [len(r["input_ids"]) for r in rows]
-        loss_tokens = [sum(1 for x in r["labels"] if x != -100) for r in rows]
-        info: dict[str, Any] = {**tokenize.token_stats(lengths, loss_tokens)}
+        in_split = spilled["split"] == SPLIT_CODES[name]
+        mask = keep[in_split]  # spill rows are in input order too
+        table = _read_spill(spilled["spill"].get(name))
+        kept = np.flatnonzero(mask)
+        lengths = _list_lengths(table.column("input_ids"))[kept]
+        loss_tokens = table.column("loss_tokens").to_numpy()[kept]
+        info: dict[str, Any] = {**tokenize.token_stats(lengths.tolist(), loss_tokens.tolist())}
+        schema = TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
+        writer = _ShardWriter(os.path.join(tmp, name), schema)
         if name == "test" or not cfg.data.packing:
-            table = _plain_table(rows, names, with_text=(name == "test"))
+            for batch in _plain_batches(
+                table, kept, names, spilled["multi_file"], with_text=(name == "test")
+            ):
+                writer.write(batch)
             info["packed"] = False
         else:
-            packed = pack.pack_rows(
-                [(r["input_ids"], r["labels"]) for r in rows], cfg.data.max_seq_len
-            )
-            table = pa.table(
-                {
-                    "input_ids": pa.array([p["input_ids"] for p in packed], pa.list_(pa.int32())),
-                    "labels": pa.array([p["labels"] for p in packed], pa.list_(pa.int32())),
-                    "seq_lens": pa.array([p["seq_lens"] for p in packed], pa.list_(pa.int32())),
-                }
-            )
+            bins = pack.best_fit_decreasing(lengths.tolist(), capacity)
+            for start in range(0, len(bins), PACK_SLICE_ROWS):
+                writer.write(
+                    _packed_batch(table, kept, lengths, bins[start : start + PACK_SLICE_ROWS])
+                )
             info["packed"] = True
-            info["packed_rows"] = len(packed)
-            info["packing_efficiency"] = pack.packing_efficiency(packed, cfg.data.max_seq_len)
-        info["examples"] = len(rows)
-        info["rows"] = table.num_rows
-        info["files"] = _write_shards(table, os.path.join(tmp, name), digest)
-        info["per_task"] = {
-            n: sum(1 for r in rows if r["source"] == i) for i, n in enumerate(names)
-        }
+            info["packed_rows"] = len(bins)
+            info["packing_efficiency"] = (
+                float(lengths.sum()) / (len(bins) * capacity) if bins else 0.0
+            )
+        info["examples"] = int(len(kept))
+        info["rows"] = writer.rows
+        info["files"] = writer.close()
+        digest.update(f"{name}:{writer.rows}:{writer.digest()}".encode())
+        sources_kept = table.column("source").to_numpy()[kept]
+        counts = np.bincount(sources_kept, minlength=len(names))
+        info["per_task"] = {n: int(counts[i]) for i, n in enumerate(names)}
         splits[name] = info
-    with open(os.path.join(tmp, REJECTS), "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
+        del table
+    shutil.rmtree(os.path.join(tmp, SPILL))
     manifest = {
-        "version": 1,
+        "version": 2,
         "config_hash": config_hash,
         "fingerprint": digest.hexdigest(),
         "tokenizer": tok_path,
@@ -365,9 +603,10 @@ def _write_dataset(
             for s in cfg.data.sources
         ],
         "splits": splits,
-        "rejected": len(rejects),
+        "rejected": int(spilled["rejected"]),
         "duplicates": stats["duplicates"],
         "capped": stats["capped"],
+        "overlap_dropped": stats["overlap"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # Swap the finished folder in, then write the manifest last: a crash at any point before
@@ -383,47 +622,154 @@ def _write_dataset(
     return manifest
 
 
-def _plain_table(rows: list[dict[str, Any]], names: list[str], with_text: bool) -> pa.Table:
-    cols: dict[str, Any] = {
-        "input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
-        "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int32())),
-        "seq_lens": pa.array([[len(r["input_ids"])] for r in rows], pa.list_(pa.int32())),
-    }
-    if with_text:
-        cols["id"] = pa.array([f"{names[r['source']]}-{r['line']}" for r in rows], pa.string())
-        cols["task"] = pa.array([names[r["source"]] for r in rows], pa.string())
-        cols["prompt"] = pa.array([r["prompt"] for r in rows], pa.string())
-        cols["reference"] = pa.array([r["reference"] for r in rows], pa.string())
-        cols["prompt_ids"] = pa.array([r["prompt_ids"] for r in rows], pa.list_(pa.int32()))
-    return pa.table(cols)
+def _read_spill(path: str | None) -> pa.Table:
+    """A split's spill file, memory mapped: its pages are read on demand and never copied."""
+    if path is None:
+        return ROW_SCHEMA.empty_table().select(SPILL_COLUMNS)
+    return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
-def _write_shards(table: pa.Table, folder: str, digest: Any) -> list[str]:
-    os.makedirs(folder, exist_ok=True)
-    files = []
-    n_shards = max(1, -(-table.num_rows // ROWS_PER_SHARD))
-    for i in range(n_shards):
-        part = table.slice(i * ROWS_PER_SHARD, ROWS_PER_SHARD)
-        name = f"part-{i:05d}.parquet"
-        pq.write_table(part, os.path.join(folder, name))
-        for col in part.column_names:  # fingerprint the content, not the file bytes
-            digest.update(col.encode())
-            for chunk in part.column(col).chunks:
-                for buf in chunk.buffers():
-                    if buf is not None:
-                        digest.update(buf)
-        files.append(f"{os.path.basename(folder)}/{name}")
-    return files
+def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
+    if column.num_chunks == 0:
+        return np.zeros(0, np.int64)
+    return pc.list_value_length(column).to_numpy().astype(np.int64)
 
 
-def _write_rejects(out_dir: str, rejects: list[dict[str, Any]]) -> str:
-    """On failure, rejects go beside (not into) the output folder, which stays untouched."""
-    path = f"{out_dir.rstrip('/')}.rejects.jsonl"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
-    return path
+def _plain_batches(
+    table: pa.Table, kept: np.ndarray, names: list[str], multi_file: set[int], with_text: bool
+) -> Iterator[pa.Table]:
+    """Unpacked rows in input order, one example per row, a slice at a time.
+
+    A test row's `id` is `<task>-<line>`, or `<task>-<file index>-<line>` for a source of
+    several files (the index in the sorted file list), so that ids are unique.
+    """
+    for start in range(0, len(kept), PACK_SLICE_ROWS):
+        rows = table.take(pa.array(kept[start : start + PACK_SLICE_ROWS]))
+        lengths = _list_lengths(rows.column("input_ids"))
+        cols: dict[str, Any] = {
+            "input_ids": rows.column("input_ids").combine_chunks(),
+            "labels": rows.column("labels").combine_chunks(),
+            "seq_lens": pa.ListArray.from_arrays(
+                pa.array(np.arange(len(lengths) + 1, dtype=np.int32)),
+                pa.array(lengths.astype(np.int32)),
+            ),
+        }
+        if with_text:
+            src_ids = rows.column("source").to_pylist()
+            task = [names[i] for i in src_ids]
+            parts, lines = rows.column("part").to_pylist(), rows.column("line").to_pylist()
+            where = zip(src_ids, parts, lines, strict=True)
+            cols["id"] = pa.array(
+                [
+                    f"{names[src]}-{part}-{line}" if src in multi_file else f"{names[src]}-{line}"
+                    for src, part, line in where
+                ],
+                pa.string(),
+            )
+            cols["task"] = pa.array(task, pa.string())
+            cols["prompt"] = rows.column("prompt").combine_chunks()
+            cols["reference"] = rows.column("reference").combine_chunks()
+            cols["prompt_ids"] = rows.column("prompt_ids").combine_chunks()
+        yield pa.table(cols, schema=TEST_SCHEMA if with_text else PLAIN_SCHEMA)
+
+
+def _packed_batch(
+    table: pa.Table, kept: np.ndarray, lengths: np.ndarray, bins: list[list[int]]
+) -> pa.Table:
+    """Packed rows for `bins` (indices into `kept`), as `pack.pack_rows` builds them.
+
+    The members of each bin are taken in order and their tokens concatenated; the first label
+    of every example is masked, since in a packed row it would be the target of the previous
+    example's last token.
+    """
+    members = np.fromiter((i for b in bins for i in b), np.int64)
+    per_row = np.fromiter((len(b) for b in bins), np.int64, count=len(bins))
+    rows = table.take(pa.array(kept[members]))
+    ids = pc.list_flatten(rows.column("input_ids")).to_numpy()
+    labels = pc.list_flatten(rows.column("labels")).to_numpy().copy()
+    example_lens = lengths[members]
+    starts = np.concatenate([[0], np.cumsum(example_lens)[:-1]]).astype(np.int64)
+    labels[starts] = pack.IGNORE_INDEX
+    row_tokens = np.add.reduceat(example_lens, np.concatenate([[0], np.cumsum(per_row)[:-1]]))
+    token_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
+    member_offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(token_offsets, pa.array(ids, pa.int32())),
+            "labels": pa.ListArray.from_arrays(token_offsets, pa.array(labels, pa.int32())),
+            "seq_lens": pa.ListArray.from_arrays(
+                member_offsets, pa.array(example_lens.astype(np.int32))
+            ),
+        },
+        schema=PLAIN_SCHEMA,
+    )
+
+
+class _ShardWriter:
+    """Writes a split as Parquet files of ROWS_PER_SHARD rows and hashes their content.
+
+    The hash covers, per column, the stream of row lengths and the stream of values, so it
+    is the same however the rows were cut into batches or files.
+    """
+
+    def __init__(self, folder: str, schema: pa.Schema) -> None:
+        self.folder = folder
+        self.schema = schema
+        self.rows = 0
+        self.files: list[str] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.in_file = 0
+        self.hashes: dict[str, tuple[Any, Any]] = {}
+        os.makedirs(folder, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self.writer is None or self.in_file == ROWS_PER_SHARD:
+                self._next_file()
+            assert self.writer is not None
+            part = table.slice(0, ROWS_PER_SHARD - self.in_file)
+            self.writer.write_table(part)
+            self._hash(part)
+            self.in_file += part.num_rows
+            self.rows += part.num_rows
+            table = table.slice(part.num_rows)
+
+    def _next_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        name = f"part-{len(self.files):05d}.parquet"
+        self.writer = pq.ParquetWriter(os.path.join(self.folder, name), self.schema)
+        self.files.append(f"{os.path.basename(self.folder)}/{name}")
+        self.in_file = 0
+
+    def _hash(self, table: pa.Table) -> None:
+        for col in table.column_names:
+            lengths_hash, values_hash = self.hashes.setdefault(
+                col, (hashlib.sha256(), hashlib.sha256())
+            )
+            column = table.column(col)
+            if pa.types.is_list(column.type):
+                lengths_hash.update(_list_lengths(column).astype("<i8").tobytes())
+                values_hash.update(pc.list_flatten(column).to_numpy().astype("<i4").tobytes())
+            else:
+                for value in column.to_pylist():
+                    data = str(value).encode() if value is not None else b"\xff"
+                    lengths_hash.update(len(data).to_bytes(8, "little"))
+                    values_hash.update(data)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for col, (lengths_hash, values_hash) in self.hashes.items():
+            h.update(f"{col}:{lengths_hash.hexdigest()}:{values_hash.hexdigest()}".encode())
+        return h.hexdigest()
+
+    def close(self) -> list[str]:
+        if self.writer is None:  # an empty split still gets one (empty) file
+            self._next_file()
+            assert self.writer is not None
+            self.writer.write_table(self.schema.empty_table())
+        self.writer.close()
+        return self.files
 
 
 def _fmt_reject(r: dict[str, Any]) -> str:
@@ -445,6 +791,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: expanding sources, cutting files into units, hashing everything the output depends on
+# --------------------------------------------------------------------------------------------
 
 
 def _expand(path: str, fmt: str | None, index: int) -> list[tuple[str, str]]:
@@ -470,28 +821,31 @@ def _expand(path: str, fmt: str | None, index: int) -> list[tuple[str, str]]:
 
 
 def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
+    """Work units: whole files, or line-aligned ranges of line-delimited ones.
+
+    A range of a .gz file is one of its decompressed stream (`gz`): the worker decompresses
+    up to the end of its range, a cost small next to parsing and tokenizing it.
+    """
     units = []
     for src_idx, entries in enumerate(files):
-        for path, fmt in entries:
+        for part, (path, fmt) in enumerate(entries):
             size = _size(path) if fmt != "hf" else 0
-            if fmt not in LINE_FORMATS or size <= CHUNK_BYTES or path.endswith(".gz"):
+            gz = path.endswith(".gz")
+            chunk = min(
+                CHUNK_BYTES,
+                max(MIN_CHUNK_BYTES, -(-size * (GZIP_RATIO if gz else 1) // RANGES_PER_FILE)),
+            )
+            ranges = _line_ranges(path, gz, chunk) if fmt in LINE_FORMATS else None
+            if not ranges or len(ranges) == 1:
+                ranges, gz = [(0, size, 1)], False  # whole file; parse_bytes gunzips it
+            for start, end, first_line in ranges:
                 units.append(
                     {
                         "source": src_idx,
+                        "part": part,
                         "path": path,
                         "fmt": fmt,
-                        "start": 0,
-                        "end": size,
-                        "first_line": 1,
-                    }
-                )
-                continue
-            for start, end, first_line in _line_ranges(path, size):
-                units.append(
-                    {
-                        "source": src_idx,
-                        "path": path,
-                        "fmt": fmt,
+                        "gz": gz,
                         "start": start,
                         "end": end,
                         "first_line": first_line,
@@ -500,18 +854,47 @@ def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
     return units
 
 
-def _line_ranges(path: str, size: int) -> list[tuple[int, int, int]]:
-    """Cut a line-delimited file at newlines into ~CHUNK_BYTES ranges, with first line numbers."""
-    data = _read_range(path, 0, size)
+def _line_ranges(path: str, gz: bool, chunk: int) -> list[tuple[int, int, int]] | None:
+    """Cut a line-delimited file at newlines into ~`chunk`-byte ranges (start, end, first line).
+
+    Streams the file (decompressed when `gz`) holding at most about one range in memory; None
+    when a .gz file is corrupt, so that it goes whole to a worker, which reports it.
+    """
     ranges = []
-    start, line = 0, 1
-    while start < size:
-        end = data.find(b"\n", min(start + CHUNK_BYTES, size) - 1)
-        end = size if end < 0 else end + 1
-        ranges.append((start, end, line))
-        line += data.count(b"\n", start, end)
-        start = end
+    start, first_line, buf = 0, 1, b""
+    try:
+        with _open_stream(path, gz) as f:
+            while block := f.read(1 << 20):
+                buf += block
+                while len(buf) >= chunk and (cut := buf.find(b"\n", chunk - 1)) >= 0:
+                    ranges.append((start, start + cut + 1, first_line))
+                    first_line += buf.count(b"\n", 0, cut + 1)
+                    start += cut + 1
+                    buf = buf[cut + 1 :]
+    except (OSError, EOFError, zlib.error):
+        return None
+    if buf:
+        ranges.append((start, start + len(buf), first_line))
     return ranges
+
+
+def _open_stream(path: str, gz: bool) -> Any:
+    fs, p = _fs(path)
+    stream = fs.open_input_stream(p, compression=None)  # we gunzip ourselves
+    return gzip.GzipFile(fileobj=stream) if gz else stream
+
+
+def _read_unit(unit: dict[str, Any]) -> bytes:
+    start, end = unit["start"], unit["end"]
+    if end <= start:
+        return b""
+    if unit.get("gz"):
+        with _open_stream(unit["path"], True) as f:
+            f.seek(start)  # decompresses and discards up to `start`
+            return f.read(end - start)  # type: ignore[no-any-return]
+    fs, p = _fs(unit["path"])
+    with fs.open_input_file(p) as f:
+        return bytes(f.read_at(end - start, start))
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
@@ -525,17 +908,6 @@ def _size(path: str) -> int:
     return int(fs.get_file_info(p).size or 0)
 
 
-def _read_range(path: str, start: int, end: int) -> bytes:
-    fs, p = _fs(path)
-    with fs.open_input_file(p) as f:
-        return bytes(f.read_at(end - start, start)) if end > start else b""
-
-
-def _read_header(path: str) -> bytes:
-    head = _read_range(path, 0, min(_size(path), 1 << 16))
-    return head[: head.find(b"\n") + 1]
-
-
 def _file_digest(path: str, fmt: str) -> str:
     if fmt == "hf":
         h = hashlib.sha256()
@@ -546,7 +918,7 @@ def _file_digest(path: str, fmt: str) -> str:
         return h.hexdigest()
     fs, p = _fs(path)
     h = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
+    with fs.open_input_stream(p, compression=None) as f:  # hash the bytes as stored
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -560,7 +932,7 @@ def _config_hash(cfg: Any, files: list[list[tuple[str, str]]], tok_path: str) ->
     data.pop("output_dir")
     tok_files = sorted(Path(tok_path).glob("*")) if Path(tok_path).is_dir() else []
     payload = {
-        "version": 1,
+        "version": 2,
         "data": data,
         "seed": cfg.experiment.seed,
         "files": [[(p, fmt, _file_digest(p, fmt)) for p, fmt in entries] for entries in files],
@@ -578,22 +950,10 @@ def _config_hash(cfg: Any, files: list[list[tuple[str, str]]], tok_path: str) ->
 
 
 def _code_fingerprint() -> str:
-    """Hash of the tokenize/pack/split code, so a change of how data is built recomputes."""
+    """Hash of the code that builds the data (templates are hashed per template), so that a
+    change of how data is read, tokenized, split, packed or written recomputes."""
     h = hashlib.sha256()
-    for mod in (tokenize, pack, split):
+    for mod in (sources, tokenize, pack, split):
         h.update(Path(mod.__file__ or "").read_bytes())
+    h.update(Path(__file__).read_bytes())
     return h.hexdigest()
-
-
-def _empty_columns() -> dict[str, list[Any]]:
-    return {name: [] for name in ROW_SCHEMA.names}
-
-
-def _add_reject(out: dict[str, list[Any]], source: int, file: str, line: int, reason: str) -> None:
-    for name in ROW_SCHEMA.names:
-        out[name].append(None)
-    out["ok"][-1] = False
-    out["source"][-1] = source
-    out["file"][-1] = file
-    out["line"][-1] = line
-    out["reason"][-1] = reason

@@ -8,7 +8,7 @@ no test prompt is ever seen in training (even when two sources carry the same qu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 SPLITS = ("train", "validation", "test")
 Turns = list[tuple[str, str]]
@@ -35,6 +35,30 @@ def record_key(prompt_turns: Turns) -> str:
         A blake2b hex digest.
     """
     return _digest(["prompt"] + [prompt for prompt, _ in prompt_turns])
+
+
+def keys(turns: Turns) -> tuple[bytes, bytes]:
+    """``record_key`` and ``content_key`` of one example as raw digests, each text encoded once.
+
+    Args:
+        turns: The (prompt, completion) turns.
+
+    Returns:
+        ``(bytes.fromhex(record_key(turns)), bytes.fromhex(content_key(turns)))``.
+    """
+    prompt = hashlib.blake2b(digest_size=16)
+    content = hashlib.blake2b(digest_size=16)
+    for h, tag in ((prompt, b"prompt"), (content, b"content")):
+        h.update(len(tag).to_bytes(8, "big"))
+        h.update(tag)
+    for turn_prompt, completion in turns:
+        data = turn_prompt.encode("utf-8")
+        prefixed = len(data).to_bytes(8, "big") + data
+        prompt.update(prefixed)
+        content.update(prefixed)
+        data = completion.encode("utf-8")
+        content.update(len(data).to_bytes(8, "big") + data)
+    return prompt.digest(), content.digest()
 
 
 def content_key(turns: Turns) -> str:
@@ -93,18 +117,42 @@ def assign_split(key: str, seed: int, ratios: Mapping[str, float]) -> str:
     Raises:
         ValueError: If the ratios are invalid.
     """
+    return split_chooser(seed, ratios)(key)
+
+
+def split_chooser(seed: int, ratios: Mapping[str, float]) -> Callable[[str], str]:
+    """``assign_split`` with the ratios validated once, for calling on every record.
+
+    Args:
+        seed: The experiment seed.
+        ratios: Split name -> fraction; must sum to 1.
+
+    Returns:
+        A function ``record_key -> split name`` equal to ``assign_split(key, seed, ratios)``.
+
+    Raises:
+        ValueError: If the ratios are invalid.
+    """
     plain = validate_ratios(ratios)
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    point = int.from_bytes(digest, "big") / 2**64
+    # (cumulative upper bound, name) in SPLITS order; the last split with a share absorbs
+    # the rounding at the top end.
+    bounds: list[tuple[float, str]] = []
     cumulative = 0.0
-    chosen = None
     for name in SPLITS:
         share = plain.get(name, 0.0)
-        if share <= 0:
-            continue
-        chosen = name  # the last split with a share absorbs the rounding at the top end
-        cumulative += share
-        if point < cumulative:
-            return name
-    assert chosen is not None  # validate_ratios guarantees a positive share
-    return chosen
+        if share > 0:
+            cumulative += share
+            bounds.append((cumulative, name))
+    assert bounds  # validate_ratios guarantees a positive share
+    last = bounds[-1][1]
+    prefix = f"{seed}\x00"
+
+    def choose(key: str) -> str:
+        digest = hashlib.blake2b((prefix + key).encode(), digest_size=8).digest()
+        point = int.from_bytes(digest, "big") / 2**64
+        for bound, name in bounds:
+            if point < bound:
+                return name
+        return last
+
+    return choose

@@ -215,8 +215,14 @@ def _check_turns(turns: Any) -> Turns:
     return checked
 
 
+class _Resolved(dict):  # type: ignore[type-arg]
+    """Params already checked and merged by ``_resolve_params`` (``renderer`` does it once)."""
+
+
 def _resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
     """Merge params over the built-in's defaults; raise ValueError for unknown or bad ones."""
+    if isinstance(params, _Resolved):
+        return params
     defaults = _PARAM_DEFAULTS[name]
     given = dict(params or {})
     unknown = sorted(set(given) - set(defaults))
@@ -623,6 +629,38 @@ def render(
     if spec == "chat" and chat_template is not None:
         return _check_turns(chat_template(_chat_messages(record)))
     return BUILTIN_TEMPLATES[spec](record, params or {})
+
+
+def renderer(
+    spec: str | dict[str, Any],
+    params: dict[str, Any] | None = None,
+    chat_template: ChatTemplate | None = None,
+) -> Callable[[dict[str, Any]], Turns]:
+    """``render`` with the template validated once, for calling on every record of a source.
+
+    Args:
+        spec: A built-in template name or a custom Jinja ``{prompt, completion}`` mapping.
+        params: Params of a built-in template.
+        chat_template: As for ``render``.
+
+    Returns:
+        A function ``record -> turns`` equal to ``render(spec, record, params, chat_template)``.
+
+    Raises:
+        ValueError: If the template or params are invalid.
+    """
+    validate_template(spec, params)
+    if isinstance(spec, dict) or (spec == "chat" and chat_template is not None):
+        return functools.partial(render, spec, params=params, chat_template=chat_template)
+    function = BUILTIN_TEMPLATES[spec]
+    given = _Resolved(_resolve_params(spec, params))
+
+    def render_builtin(record: dict[str, Any]) -> Turns:
+        if not isinstance(record, dict):
+            raise TemplateError(f"a record must be an object, got {type(record).__name__}")
+        return function(record, given)
+
+    return render_builtin
 
 
 def _global_names(code: types.CodeType) -> set[str]:

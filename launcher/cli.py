@@ -50,10 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--address", required=True)
     sm.add_argument("--stage", default="run", choices=list(STAGES))
     sm.add_argument("--no-wait", action="store_true")
+    sm.add_argument("--token-file", default=None, help="Ray auth token (default ~/.ray/auth_token)")
+    jb = sub.add_parser("jobs", help="list, show logs of, or stop submitted Ray jobs")
+    jb.add_argument("action", choices=["list", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?")
+    jb.add_argument("--address", required=True)
+    jb.add_argument("--token-file", default=None)
     k8 = sub.add_parser("k8s", help="render KubeRay manifests for this experiment")
     k8.add_argument("config")
     k8.add_argument("overrides", nargs="*")
-    k8.add_argument("--out", default=None)
+    k8.add_argument(
+        "--out",
+        default=None,
+        help="write rayjob.yaml and raycluster.yaml there (default: print the RayJob's YAML)",
+    )
     return p
 
 
@@ -62,10 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "submit":
+            from launcher.submit import submit
+
+            return submit(
+                args.config,
+                args.overrides,
+                args.address,
+                stage=args.stage,
+                wait=not args.no_wait,
+                token_file=args.token_file,
+            )
+        if args.command == "jobs":
+            from launcher.submit import jobs
+
+            return jobs(args.action, args.job_id, args.address, token_file=args.token_file)
         cfg = load_config(args.config, args.overrides)
-        if args.command in ("submit", "k8s"):
-            print(f"ift {args.command}: not available yet in this version.", file=sys.stderr)
-            return 2
+        if args.command == "k8s":
+            from launcher import k8s
+
+            return k8s.main(args.config, args.overrides, args.out)
         from launcher.pipeline import run_pipeline
 
         run_pipeline(cfg, args.command, STAGES[args.command], config_path=args.config)
@@ -76,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ift: interrupted", file=sys.stderr)
         return 130
-    except UserFacingError as e:
+    except Exception as e:
+        # Job errors that explain themselves (bad records, batch too big, server down, ...)
+        # are printed as one paragraph; anything else is a bug and keeps its traceback.
+        if not getattr(e, "user_facing", False):
+            raise
         print(f"ift {args.command}: {e}", file=sys.stderr)
         return 1
 
@@ -90,10 +120,6 @@ def _score(args: argparse.Namespace) -> int:
     if args.bleu_tokenize:
         argv += ["--bleu-tokenize", args.bleu_tokenize]
     return score_main(argv)
-
-
-class UserFacingError(RuntimeError):
-    """An error whose message is the whole story for the user (no traceback)."""
 
 
 if __name__ == "__main__":

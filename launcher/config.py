@@ -176,6 +176,14 @@ class TrackingConfig(_Strict):
     experiment_name: str = "ift"
     required: bool = True
     """Fail before training when the tracking server is unreachable."""
+    system_metrics: bool = True
+    """CPU/GPU/memory samples (`system/*`) on every stage run."""
+    log_model: bool = True
+    """Log the fine-tuned model with the `transformers` flavor on the train run."""
+    registered_model_name: str | None = None
+    """Register the logged model under this name (default: `experiment.name`); "" disables."""
+    model_alias: str = "candidate"
+    """Alias set on the new model version in the Model Registry."""
 
 
 class ClusterConfig(_Strict):
@@ -183,6 +191,115 @@ class ClusterConfig(_Strict):
     """Ray address to join (`auto`, `ray://...`); None starts a local Ray."""
     num_cpus: int | None = Field(default=None, gt=0)
     """CPUs of the local Ray started when `address` is None (default: all)."""
+
+    # Kubernetes (`ift k8s`, rendered by launcher/k8s.py): the rest of this section.
+    class Toleration(_Strict):
+        """A Kubernetes pod toleration, spelt as in a pod spec."""
+
+        key: str | None = None
+        operator: Literal["Exists", "Equal"] = "Equal"
+        value: str | None = None
+        effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+        tolerationSeconds: int | None = None  # the Kubernetes spelling
+
+    image: str = "ift:0.1.0"
+    """Container image of the head, worker and submitter pods (built from k8s/Dockerfile)."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    namespace: str = "ift"
+    """Namespace of the rendered objects; the MLflow ConfigMap/Secret must live there too."""
+    workdir: str = "/app"
+    """The project folder inside the image: relative config paths resolve against it."""
+    ray_version: str = "2.60.0"
+    """Ray version in the image (the RayCluster's `rayVersion`)."""
+    stage: Literal["run", "prepare", "train", "eval"] = "run"
+    """What the RayJob's entrypoint runs: `ift <stage> CONFIG overrides...`."""
+    head_cpu: str = "2"
+    """Head pod CPU request (a Kubernetes quantity)."""
+    head_cpu_limit: str | None = None
+    """Head pod CPU limit; defaults to the request."""
+    head_memory: str = "8Gi"
+    head_memory_limit: str | None = None
+    worker_cpu: str = "4"
+    """CPU request of each worker pod."""
+    worker_cpu_limit: str | None = None
+    worker_memory: str = "16Gi"
+    worker_memory_limit: str | None = None
+    gpus_per_worker: int | None = Field(default=None, ge=0)
+    """`nvidia.com/gpu` of each worker pod; default: ceil(train.gpus_per_worker) when
+    train.use_gpu, else 0."""
+    worker_replicas: int | None = Field(default=None, gt=0)
+    """Worker pods; default: enough for train.num_workers (one per Ray Train worker on CPU,
+    packed by GPUs on GPU)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node selector of the worker pods (e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3})."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Tolerations of every Ray pod (a toleration only permits, so the head gets them too)."""
+    storage_pvc: str | None = "ift-storage"
+    """PVC (ReadWriteMany) mounted on head and workers at `storage_mount_path`; local
+    experiment.output_dir / data.output_dir must lie under it. None: no shared volume."""
+    storage_mount_path: str = "/mnt/ift"
+    s3_credentials_secret: str | None = None
+    """Secret with AWS_* variables (envFrom) for an s3:// experiment.output_dir."""
+    mlflow_configmap: str | None = "ift-mlflow"
+    """ConfigMap with MLFLOW_TRACKING_URI (k8s/base creates it); the job logs there unless
+    tracking.tracking_uri is already an http(s) server."""
+    mlflow_secret: str | None = None
+    """Optional Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (envFrom)."""
+    ray_auth: bool = True
+    """Ray token authentication (KubeRay `authOptions.mode: token`), as Ray >= 2.60 expects."""
+    shutdown_after_job_finishes: bool = True
+    ttl_seconds_after_finished: int = Field(default=3600, ge=0)
+    """Seconds the finished RayJob's cluster is kept (for logs) before deletion."""
+    active_deadline_seconds: int | None = Field(default=None, gt=0)
+    """Fail the RayJob after this many seconds."""
+    backoff_limit: int = Field(default=0, ge=0)
+    """Retries of the whole RayJob (each on a new cluster) after a failure."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_as_quantities(cls, data: Any) -> Any:
+        # `cluster.worker_cpu=8` parses as an int; Kubernetes quantities are strings.
+        if isinstance(data, dict):
+            data = {
+                k: str(v)
+                if k.startswith(("head_", "worker_cpu", "worker_memory"))
+                and isinstance(v, int | float)
+                and not isinstance(v, bool)
+                else v
+                for k, v in data.items()
+            }
+        return data
+
+    def gpus(self, train: TrainConfig) -> int:
+        """GPUs of each worker pod: the explicit value, or derived from the train section."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        import math
+
+        return math.ceil(train.gpus_per_worker) if train.use_gpu else 0
+
+    def replicas(self, train: TrainConfig) -> int:
+        """Worker pods: the explicit value, or just enough for train.num_workers."""
+        if self.worker_replicas is not None:
+            return self.worker_replicas
+        gpus = self.gpus(train)
+        if gpus > 0 and train.use_gpu and train.gpus_per_worker > 0:
+            import math
+
+            return max(1, math.ceil(train.num_workers * train.gpus_per_worker / gpus))
+        return train.num_workers
+
+    @staticmethod
+    def quantity(text: str) -> float:
+        """A Kubernetes quantity ("500m", "16Gi", "1e3") as a number, for comparisons."""
+        suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+        binary = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+        for suffix, scale in binary.items():
+            if text.endswith(suffix):
+                return float(text[: -len(suffix)]) * scale
+        if text[-1:] in suffixes:
+            return float(text[:-1]) * suffixes[text[-1]]
+        return float(text)
 
 
 class Config(_Strict):
@@ -255,6 +372,7 @@ def cross_check(cfg: Config) -> list[str]:
         and t.stop_after_steps > t.max_steps
     ):
         problems.append("train.stop_after_steps: larger than train.max_steps")
+    problems += k8s_cross_check(cfg)
     ratios = cfg.data.split
     unknown = sorted(set(ratios) - set(SPLITS))
     if unknown:
@@ -262,6 +380,71 @@ def cross_check(cfg: Config) -> list[str]:
     if any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
         problems.append(f"data.split: ratios must be >= 0 and sum to 1, got {ratios}")
 
+    return problems
+
+
+def k8s_cross_check(cfg: Config) -> list[str]:
+    """The `cluster` section's Kubernetes settings against each other and the train section.
+
+    Storage and tracking are checked where they matter, when `ift k8s` renders (the same config
+    runs locally with a relative output_dir).
+    """
+    quantity_re = re.compile(
+        r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+    )
+    problems: list[str] = []
+    c, t = cfg.cluster, cfg.train
+    gpus = c.gpus(t)
+    if c.gpus_per_worker is not None and c.gpus_per_worker > 0 and not t.use_gpu:
+        problems.append(
+            f"cluster.gpus_per_worker: {c.gpus_per_worker} GPU(s) per worker pod requested but "
+            "train.use_gpu is false, so training would never use them; set train.use_gpu=true "
+            "or cluster.gpus_per_worker=0"
+        )
+    elif t.use_gpu and gpus == 0:
+        problems.append(
+            "train.use_gpu: true but cluster.gpus_per_worker is 0, so no worker pod gets a GPU; "
+            "set cluster.gpus_per_worker >= 1 or train.use_gpu=false"
+        )
+    elif t.use_gpu and gpus < t.gpus_per_worker:
+        problems.append(
+            f"cluster.gpus_per_worker: {gpus} is less than train.gpus_per_worker "
+            f"{t.gpus_per_worker}; a Ray Train worker would not fit in a worker pod"
+        )
+    elif t.use_gpu and c.replicas(t) * gpus < t.num_workers * t.gpus_per_worker:
+        problems.append(
+            f"cluster.worker_replicas: {c.replicas(t)} pods x {gpus} GPU(s) cannot hold "
+            f"train.num_workers {t.num_workers} x train.gpus_per_worker {t.gpus_per_worker}"
+        )
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", c.namespace) or len(c.namespace) > 63:
+        problems.append(f"cluster.namespace: {c.namespace!r} is not a DNS-1123 label")
+    bad: set[str] = set()
+    for role in ("head", "worker"):
+        for res in ("cpu", "memory"):
+            request = getattr(c, f"{role}_{res}")
+            limit = getattr(c, f"{role}_{res}_limit")
+            for key, value in ((f"{role}_{res}", request), (f"{role}_{res}_limit", limit)):
+                if value is not None and not quantity_re.match(value):
+                    problems.append(
+                        f"cluster.{key}: {value!r} is not a Kubernetes quantity "
+                        "(e.g. 4, 500m, 16Gi)"
+                    )
+                    bad.add(key)
+            pair_ok = not {f"{role}_{res}", f"{role}_{res}_limit"} & bad
+            if pair_ok and limit is not None and c.quantity(limit) < c.quantity(request):
+                problems.append(
+                    f"cluster.{role}_{res}_limit: {limit} is below the request "
+                    f"cluster.{role}_{res} {request}"
+                )
+    if "worker_cpu" not in bad and not t.use_gpu and c.quantity(c.worker_cpu) < t.cpus_per_worker:
+        problems.append(
+            f"cluster.worker_cpu: {c.worker_cpu} is below train.cpus_per_worker "
+            f"{t.cpus_per_worker}; a Ray Train worker would not fit in a worker pod"
+        )
+    if c.storage_pvc is not None and not c.storage_mount_path.startswith("/"):
+        problems.append(f"cluster.storage_mount_path: {c.storage_mount_path!r} must be absolute")
+    if not c.workdir.startswith("/"):
+        problems.append(f"cluster.workdir: {c.workdir!r} must be absolute")
     return problems
 
 

@@ -47,7 +47,7 @@ def run_pipeline(
             with tracker.stage("train") as run:
                 log(f"== train -> {cfg.experiment.output_dir}")
                 summary = train(cfg, manifest, tracking=tracker.worker_target(run), log=log)
-                tracker.log_train(run, summary, cfg)
+                tracker.log_train(run, summary, cfg, manifest)
                 result["train"] = summary
         if "eval" in stages:
             from eval.evaluate import evaluate
@@ -96,6 +96,7 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(logging_level=logging.WARNING)
         return
     ray.init(
+        address="local",  # a new local Ray, never one `ray start` left running on this host
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

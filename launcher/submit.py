@@ -169,8 +169,9 @@ def _client(address: str, token_file: str | None) -> Any:
         raise SubmitError(f"cannot reach the Ray job server at {address}: {e}.{hint}") from None
 
 
-def _submit_with_retry(client: Any, entry: str, runtime_env: dict[str, Any],
-                       timeout: float = 120) -> str:
+def _submit_with_retry(
+    client: Any, entry: str, runtime_env: dict[str, Any], timeout: float = 120
+) -> str:
     """A freshly started head answers 'No available agent' until its job agent is up."""
     deadline = time.monotonic() + timeout
     while True:

@@ -73,7 +73,12 @@ class Tracker:
             return
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True, tags={"ift.stage": name}) as run:
+        with mlflow.start_run(
+            run_name=name,
+            nested=True,
+            tags={"ift.stage": name},
+            log_system_metrics=self.cfg.tracking.system_metrics,
+        ) as run:
             yield run
 
     def worker_target(self, run: Any) -> dict[str, Any] | None:
@@ -100,14 +105,72 @@ class Tracker:
                 metrics[f"data/{split}_packing_efficiency"] = info["packing_efficiency"]
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_dict(manifest, "data/manifest.json")
+        self.log_dataset(manifest, data_dir, "prepared")
         rejects = os.path.join(data_dir, "rejects.jsonl")
         if os.path.exists(rejects) and os.path.getsize(rejects):
             mlflow.log_artifact(rejects, "data")
 
-    def log_train(self, run: Any, summary: dict[str, Any], cfg: Config) -> None:
+    def log_dataset(self, manifest: dict[str, Any], data_dir: str, context: str) -> None:
+        """`mlflow.log_input` of the prepared data, identified by its content fingerprint."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        dataset = MetaDataset(  # type: ignore[abstract]
+            source=resolve_dataset_source(data_dir),
+            name="ift-prepared",
+            digest=manifest["fingerprint"][:36],
+        )
+        mlflow.log_input(dataset, context=context)
+
+    def log_model(self, cfg: Config) -> None:
+        """The fine-tuned model (transformers flavor) on the active run, registered with an alias.
+
+        A failure here is reported, not raised: the trained model is already safe on disk.
+        """
+        import mlflow
+
+        name = cfg.tracking.registered_model_name
+        name = cfg.experiment.name if name is None else name
+        try:
+            import torch
+            import transformers
+
+            # A pipeline object, not the folder path: MLflow 3's checkpoint-path route does
+            # not understand transformers 5's task registry.
+            pipe = transformers.pipeline("text-generation", model=cfg.model_dir)
+            info = mlflow.transformers.log_model(  # type: ignore[attr-defined]
+                transformers_model=pipe,
+                name="model",
+                pip_requirements=[
+                    f"transformers=={transformers.__version__}",
+                    f"torch=={torch.__version__.split('+')[0]}",
+                ],
+            )
+            if name:
+                version = mlflow.register_model(info.model_uri, name)
+                mlflow.MlflowClient().set_registered_model_alias(
+                    name, cfg.tracking.model_alias, version.version
+                )
+                print(
+                    f"[mlflow] registered model {name!r} version {version.version} as "
+                    f"@{cfg.tracking.model_alias}",
+                    flush=True,
+                )
+        except Exception as e:  # noqa: BLE001
+            print(f"[mlflow] could not log/register the model: {type(e).__name__}: {e}", flush=True)
+
+    def log_train(
+        self, run: Any, summary: dict[str, Any], cfg: Config, manifest: dict[str, Any] | None = None
+    ) -> None:
         if run is None:
             return
         import mlflow
+
+        if manifest is not None:
+            self.log_dataset(manifest, cfg.data_dir, "training")
+        if cfg.tracking.log_model and os.path.exists(os.path.join(cfg.model_dir, "config.json")):
+            self.log_model(cfg)
 
         ds = os.path.join(cfg.experiment.output_dir, "deepspeed_config.json")
         if os.path.exists(ds):

@@ -9,6 +9,7 @@ only with a reason in the commit message.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -69,12 +70,19 @@ def tiny_config(out: Path) -> dict:
 
 
 def ift(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    # Sample system metrics every second so that short stages get some too.
+    env = {
+        **os.environ,
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", *args],
         cwd=cwd,
         text=True,
         capture_output=True,
         timeout=timeout,
+        env=env,
     )
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-5000:])
@@ -145,6 +153,21 @@ def test_run_pins_losses_and_logs_pipeline(workdir: Path, zero2_run) -> None:
         assert logged and logged[0][1] == pytest.approx(metrics["metrics"]["sst2/accuracy"])
         preds = (workdir / "runs" / "eval" / role / "predictions.jsonl").read_text().splitlines()
         assert {"id", "prompt", "prediction", "reference"} <= set(json.loads(preds[0]))
+
+    # Lineage: the prepared data as a logged input with its fingerprint, system metrics, and
+    # the fine-tuned model registered with its alias.
+    manifest = json.loads((workdir / "runs" / "data" / "manifest.json").read_text())
+    digests = {d for (d,) in con.execute("select digest from datasets")}
+    assert manifest["fingerprint"][:36] in digests
+    train_id = by_name["train"][0]
+    system = con.execute(
+        "select count(*) from metrics where run_uuid=? and key like 'system/%'", (train_id,)
+    ).fetchone()[0]
+    assert system > 0
+    alias = con.execute(
+        "select name, version from registered_model_aliases where alias='candidate'"
+    ).fetchall()
+    assert alias and alias[0][0] == "tiny"
 
     # The final model is a plain Hugging Face folder.
     from transformers import AutoModelForCausalLM, AutoTokenizer
