@@ -103,7 +103,7 @@ def bench_generation(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "TQDM_DISABLE": "1",
     }.items():
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         cfg = resolve_paths(from_dict(bench_config(tmp / "small", SMALL)))
         manifest = prepare(cfg, log=lambda _: None)

@@ -112,7 +112,11 @@ def run(tmp: Path) -> int:
         )
     )
     ray.init(
-        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR"
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
     )
     manifest = prepare(cfg, log=lambda _: None)
     db = tmp / "mlflow.db"

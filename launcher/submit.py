@@ -170,7 +170,7 @@ def _client(address: str, token_file: str | None) -> Any:
 
 
 def _submit_with_retry(
-    client: Any, entry: str, runtime_env: dict[str, Any], timeout: float = 120
+    client: Any, entry: str, runtime_env: dict[str, Any], timeout: float = 300
 ) -> str:
     """A freshly started head answers 'No available agent' until its job agent is up."""
     deadline = time.monotonic() + timeout

@@ -20,10 +20,13 @@ class MetricLogger:
         tracking_uri: str | None,
         run_id: str | None,
         flush_every: int = 50,
+        flush_seconds: float = 2.0,
         close_timeout: float = 120.0,
     ) -> None:
         self.run_id = run_id
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
         self.close_timeout = close_timeout
         self._queue: list[Any] = []
         self._client: Any = None
@@ -40,7 +43,10 @@ class MetricLogger:
 
         ts = int(time.time() * 1000)
         self._queue += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if len(self._queue) >= self.flush_every:
+        # Points reach the UI within seconds, and a long outage is retried at every flush.
+        due = time.monotonic() - self._last_flush >= self.flush_seconds
+        if len(self._queue) >= self.flush_every or due:
+            self._last_flush = time.monotonic()
             self.flush()
 
     def flush(self) -> bool:

@@ -37,7 +37,11 @@ def local_ray():
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["TQDM_DISABLE"] = "1"
     ray.init(
-        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING"
+        address="local",  # never join a cluster someone else started on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
     )
     yield
     ray.shutdown()
