@@ -33,18 +33,26 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def _ray_for_module():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_for_module):
+    """A local Ray for this module, (re)started if a test shut it down (the 2-node test does)."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["TQDM_DISABLE"] = "1"
-    ray.init(
-        address="local",  # never join a cluster someone else started on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    if not ray.is_initialized():
+        ray.init(
+            address="local",  # never join a cluster someone else started on this machine
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
     yield
-    ray.shutdown()
 
 
 def config(out: Path, *, packing: bool = True, records: int = 64, **train: object):
@@ -164,32 +172,6 @@ def test_killed_worker_is_recovered_from_the_last_checkpoint(local_ray, tmp_path
     assert (tmp_path / "faulty" / "model" / "config.json").exists()
 
 
-def test_two_node_cluster_trains_and_checkpoints_to_shared_storage(tmp_path: Path) -> None:
-    """`ray.cluster_utils.Cluster`: two raylets on this machine, one CPU each, so the two
-    training workers land on different nodes and write one checkpoint to shared storage."""
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        cfg = config(tmp_path / "multi", max_steps=2, cpus_per_worker=1)
-        manifest = prepare(cfg, log=lambda _: None)
-        result = train(cfg, manifest, tracking=None, log=lambda _: None)
-        assert result["step"] == 2
-        ckpts = list((tmp_path / "multi" / "checkpoints").glob("run-*/step_*"))
-        assert ckpts
-        # Both ranks' ZeRO-2 optimizer shards are in the one checkpoint.
-        shards = list(ckpts[0].rglob("*optim_states.pt"))
-        assert len(shards) == 2, shards
-        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def test_lora_trains_adapters_and_saves_merged_model(local_ray, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -214,3 +196,29 @@ def test_lora_trains_adapters_and_saves_merged_model(local_ray, tmp_path: Path) 
     # Only the targeted projections changed (merged adapters); everything else is the base.
     changed = {k for k in b if not torch.equal(b[k], t[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+
+
+def test_two_node_cluster_trains_and_checkpoints_to_shared_storage(tmp_path: Path) -> None:
+    """`ray.cluster_utils.Cluster`: two raylets on this machine, one CPU each, so the two
+    training workers land on different nodes and write one checkpoint to shared storage."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cfg = config(tmp_path / "multi", max_steps=2, cpus_per_worker=1)
+        manifest = prepare(cfg, log=lambda _: None)
+        result = train(cfg, manifest, tracking=None, log=lambda _: None)
+        assert result["step"] == 2
+        ckpts = list((tmp_path / "multi" / "checkpoints").glob("run-*/step_*"))
+        assert ckpts
+        # Both ranks' ZeRO-2 optimizer shards are in the one checkpoint.
+        shards = list(ckpts[0].rglob("*optim_states.pt"))
+        assert len(shards) == 2, shards
+        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
