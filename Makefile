@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: run test test-all lint bench clean install
+.PHONY: run test test-reliability lint bench clean install
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/ift run $(CONFIG)
 
+# The suite CI runs (under 30 minutes on 2 cores): everything but the tests marked `slow`.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
+
+# The long fault-injection and load tests (tests marked `slow`, most in tests/reliability/).
+test-reliability: install
+	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS) tests
 
 lint: install
 	$(VENV)/bin/ruff check launcher training data_pipeline eval tests benchmarks

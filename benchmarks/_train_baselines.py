@@ -3,12 +3,13 @@
     torchrun --nproc_per_node 2 benchmarks/_train_baselines.py MODE SPEC.json OUT.json
 
 MODE `deepspeed`: the plain torchrun + DeepSpeed loop a user would write, with the very same
-model, data, DeepSpeed config and step code as `ift train` (`training.train.optimizer_step`),
-so the difference to ift is Ray Train's orchestration only.
+model, data, DeepSpeed config, step code (`training.train.optimizer_step`), per-step metrics
+and timing as `ift train`, so the difference to ift is Ray Train's orchestration only.
 MODE `hf`: the Hugging Face Trainer with DeepSpeed on the same packed rows (its own loss: mean
 per micro-batch), the tool users would otherwise reach for.
-MODE `memory`: per-rank bytes of parameters + gradients + optimizer state after one step, for
-the ZeRO stage in the spec, on a random-init model.
+MODE `memory`: per-rank bytes of parameters + gradients + optimizer state after the first
+optimizer step and the second backward (see `run_memory`), for the ZeRO stage in the spec, on a
+random-init model.
 """
 
 from __future__ import annotations
@@ -47,20 +48,31 @@ def _model(path: str) -> Any:
 
 
 def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
+    """The loop of `training.train.train_worker` without Ray: the same step, the same per-step
+    bookkeeping (grad norm, LR, metrics to MLflow from rank 0) and the same timing (the period
+    between consecutive step ends), in the main thread of a torchrun process."""
     import deepspeed
 
     from training import data as tdata
+    from training.mlflow_logger import MetricLogger
     from training.train import optimizer_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     split = tdata.load_split(spec["data_dir"], spec["manifest"], "train")
-    engine, *_ = deepspeed.initialize(
-        model=_model(spec["model"]), model_parameters=None, config=spec["ds_config"]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=_model(spec["model"]),
+        model_parameters=None,
+        config=spec["ds_config"],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
     )
+    engine.train()
+    tracking = spec.get("tracking") if rank == 0 else None
+    logger = MetricLogger(**(tracking or {"tracking_uri": None, "run_id": None}))
     times, tokens = [], []
+    t_prev = time.perf_counter()
     for step in range(spec["steps"]):
-        t0 = time.perf_counter()
-        _, n = optimizer_step(
+        lr = scheduler.get_last_lr()[0]
+        loss, n = optimizer_step(
             engine,
             split,
             step,
@@ -72,8 +84,21 @@ def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
             world=world,
             pad_id=0,
         )
-        times.append(time.perf_counter() - t0)
+        now = time.perf_counter()
+        times.append(now - t_prev)
+        t_prev = now
         tokens.append(n)
+        grad_norm = engine.get_global_grad_norm()
+        logger.log(
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/tokens_per_s": n / times[-1],
+            },
+            step=step + 1,
+        )
+    logger.close()
     return {"step_seconds": times, "step_tokens": tokens}
 
 
@@ -140,8 +165,20 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-rank bytes held for training state, counted identically for every ZeRO stage.
+
+    Pinned measurement point: after the first optimizer step and the backward pass of the
+    second (before its step), i.e. when optimizer state and a full set of gradients coexist:
+    the peak of persistent state. Counted: parameters as this rank holds them (a ZeRO-3 shard
+    or the whole tensor), fp32 master weights, optimizer moments and gradients (as stored:
+    `.grad` or ZeRO's flat partition buffers). Every tensor is counted by its storage, once:
+    ZeRO keeps parameters and gradients as views into flat buffers, and counting views by data
+    pointer would count those bytes twice. Activations are gone at this point.
+    """
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.train import share_zero3_fp32_master
 
     cfg = LlamaConfig(**spec["llama"])
     ds = spec["ds_config"]
@@ -152,52 +189,67 @@ def run_memory(spec: dict[str, Any]) -> dict[str, Any]:
         model = LlamaForCausalLM(cfg)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=None, config=ds)
+    share_zero3_fp32_master(engine)  # as `ift train` does (a no-op below ZeRO-3)
     ids = torch.randint(0, cfg.vocab_size, (1, 64))
-    # Measure at the peak of persistent state: optimizer state exists (after one step) and the
-    # gradients of the next step are still held (after backward, before step).
     for step in range(2):
         loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
         engine.backward(loss)
         if step == 0:
             engine.step()
-    seen: set[int] = set()
-    total = 0
+    state, grads = _state_storages(engine)
+    held = torch.tensor([float(sum(state.values())), float(sum(grads.values()))])
+    gathered = [torch.zeros(2) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, held)
+    return {
+        "params": n_params,
+        "bytes_per_rank": [float(g.sum()) for g in gathered],
+        "grad_bytes_per_rank": [float(g[1]) for g in gathered],
+        "rss_bytes": _rss(),
+    }
 
-    def add(t: Any) -> None:
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
 
-    for p in engine.module.parameters():  # parameters as held on this rank
-        add(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
-        add(p.grad)
+def _state_storages(engine: Any) -> tuple[dict[int, int], dict[int, int]]:
+    """{storage pointer: bytes} of the parameters + optimizer state, and of the gradients."""
+    state: dict[int, int] = {}
+    grads: dict[int, int] = {}
+
+    def add(t: Any, into: dict[int, int]) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            s = t.untyped_storage()
+            if s.data_ptr() not in state and s.data_ptr() not in grads:
+                into[s.data_ptr()] = s.nbytes()
+
+    def walk(obj: Any, into: dict[int, int], depth: int = 0) -> None:
+        if isinstance(obj, torch.Tensor):
+            add(obj, into)
+        elif depth < 3 and isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, into, depth + 1)
+        elif depth < 3 and isinstance(obj, dict):
+            for x in obj.values():
+                walk(x, into, depth + 1)
+
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
+    # Gradients first, so a flat gradient buffer is never mistaken for state.
+    for p in engine.module.parameters():
+        add(p.grad, grads)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add(p.grad, grads)
+    for name, value in vars(opt).items():
+        if "grad" in name:
+            walk(value, grads)
+    for p in engine.module.parameters():  # parameters as held on this rank
+        add(p.ds_tensor if hasattr(p, "ds_tensor") else p.data, state)
     for group in inner.param_groups:  # fp32 master partitions of ZeRO optimizers
         for p in group["params"]:
-            add(p.data)
-            add(p.grad)
-    for state in inner.state.values():
-        for v in state.values():
-            add(v)
-    for name in (
-        "fp32_partitioned_groups_flat",
-        "single_partition_of_fp32_groups",
-        "averaged_gradients",
-        "fp16_partitioned_groups_flat",
-    ):
-        obj = getattr(opt, name, None)
-        for t in obj.values() if isinstance(obj, dict) else (obj or []):
-            if isinstance(t, list):
-                for x in t:
-                    add(x)
-            else:
-                add(t)
-    totals = torch.tensor([float(total)])
-    gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, totals)
-    return {"params": n_params, "bytes_per_rank": [float(g) for g in gathered], "rss_bytes": _rss()}
+            add(p.data, state)
+    walk(list(inner.state.values()), state)
+    for name, value in vars(opt).items():  # ZeRO's flat parameter partitions
+        if "grad" not in name:
+            walk(value, state)
+    return state, grads
 
 
 def _rss() -> int:

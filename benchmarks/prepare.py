@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import os
 import platform
 import shutil
@@ -143,35 +144,25 @@ def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any],
 
 
 def _map_batch(batch: dict[str, list[Any]], template: str) -> dict[str, list[Any]]:
-    """Template + tokenize + mask one batch, as ift does it (its templates and masking)."""
+    """Template + tokenize + mask one batch with ift's own code (`tokenize_turns`), the
+    tokenizer loaded through transformers."""
     from data_pipeline import templates, tokenize
+    from data_pipeline.prepare import tokenize_turns
 
     tok = _tokenizer()
     keys = list(batch)
     records = [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     turns = [templates.render(template, r, {}) for r in records]
-    texts = [t for tt in turns for pair in tt for t in pair]
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
-    pos = 0
-    for tt in turns:
-        n = 2 * len(tt)
-        p_ids, c_ids = ids[pos : pos + n : 2], ids[pos + 1 : pos + n : 2]
-        pos += n
-        try:
-            input_ids, labels = tokenize.build_example(
-                p_ids,
-                c_ids,
-                bos_id=None,
-                eos_id=tok.eos_token_id,
-                max_seq_len=MAX_SEQ_LEN,
-                truncation="left",
-            )
-        except tokenize.LengthError:
-            continue  # rejected, as ift rejects it
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-    return out
+    examples = tokenize_turns(
+        turns,
+        lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
+        bos_id=None,
+        eos_id=tok.eos_token_id,
+        max_seq_len=MAX_SEQ_LEN,
+        truncation="left",
+    )
+    kept = [e for e in examples if not isinstance(e, tokenize.LengthError)]  # rejected, as ift does
+    return {"input_ids": [e[0] for e in kept], "labels": [e[1] for e in kept]}
 
 
 _TOK: Any = None
@@ -289,7 +280,7 @@ def main() -> int:
             num_cpus=CPUS,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            logging_level="ERROR",
+            logging_level=logging.ERROR,
             log_to_driver=False,
         )
         t_ray = time.perf_counter() - t0

@@ -5,9 +5,12 @@ ZeRO-3 vs ZeRO-0 memory, measured in one run.
 
 Throughput: the same random-init Llama (~3M parameters, the stories260K tokenizer), the same
 packed quickstart data and DeepSpeed config (ZeRO-2, 2 CPU workers, gloo); steady-state
-tokens/s is the median over steps after a warm-up, so start-up costs are reported apart.
-`ray_overhead` = 1 - ift / plain DeepSpeed. Memory: per-rank bytes of parameters, gradients and
-optimizer state after one step of a ~58M-parameter random-init Llama on 2 ranks.
+tokens/s is the median over steps after a warm-up, so start-up costs are reported apart. Both
+loops do the same per-step work (the step, grad norm, LR, metrics logged to MLflow by rank 0) and
+time the same span (step end to step end). `ray_overhead` = 1 - ift / plain DeepSpeed, the plain
+loop run before and after ift and averaged. Memory: per-rank bytes of parameters, gradients and
+optimizer state after the first optimizer step and the second backward (the pinned point, see
+`_train_baselines.run_memory`) of a ~58M-parameter random-init Llama on 2 ranks.
 """
 
 from __future__ import annotations
@@ -111,19 +114,49 @@ def run(tmp: Path) -> int:
             }
         )
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-    )
+
+    def start_ray() -> None:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+        )
+
+    start_ray()
     manifest = prepare(cfg, log=lambda _: None)
-    db = tmp / "mlflow.db"
+    ray.shutdown()  # the plain loop runs without Ray's daemons, as a plain user's would
     import mlflow
 
+    db = tmp / "mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run_id = client.create_run(client.create_experiment("bench")).info.run_id
+    exp_id = client.create_experiment("bench")
+    ds = build_ds_config(cfg.train)
+    spec = {
+        "data_dir": cfg.data_dir,
+        "manifest": manifest,
+        "model": str(model_dir),
+        "ds_config": ds,
+        "steps": WARMUP + MEASURED,
+        "seed": 0,
+        "gb": cfg.train.global_batch(),
+        "micro": 4,
+        "accum": 2,
+        "lr": 1e-3,
+        "tmp": str(tmp / "hf"),
+    }
+
+    def plain_loop() -> float:
+        run = client.create_run(exp_id).info.run_id
+        tracking = {"tracking_uri": f"sqlite:///{db}", "run_id": run}
+        return median_rate(torchrun("deepspeed", {**spec, "tracking": tracking}, tmp))
+
+    # plain, ift, plain: the mean of the two plain runs cancels a linear drift of the load on a
+    # shared machine over the ift run between them.
+    plain_tps_runs = [plain_loop()]
+    start_ray()
+    run_id = client.create_run(exp_id).info.run_id
     t0 = time.perf_counter()
     train(
         cfg,
@@ -141,23 +174,8 @@ def run(tmp: Path) -> int:
         )
     ]
     ift_tps = statistics.median(rates[WARMUP:])
-
-    ds = build_ds_config(cfg.train)
-    spec = {
-        "data_dir": cfg.data_dir,
-        "manifest": manifest,
-        "model": str(model_dir),
-        "ds_config": ds,
-        "steps": WARMUP + MEASURED,
-        "seed": 0,
-        "gb": cfg.train.global_batch(),
-        "micro": 4,
-        "accum": 2,
-        "lr": 1e-3,
-        "tmp": str(tmp / "hf"),
-    }
-    plain = torchrun("deepspeed", spec, tmp)
-    plain_tps = median_rate(plain)
+    plain_tps_runs.append(plain_loop())
+    plain_tps = statistics.mean(plain_tps_runs)
     try:
         hf = torchrun("hf", spec, tmp)
         hf_tps: float | None = median_rate(hf)
@@ -200,24 +218,30 @@ def run(tmp: Path) -> int:
             "ift_tokens_per_s": ift_tps,
             "ift_train_wall_s": ift_wall,
             "zero3_bytes_per_rank": max(memory[3]["bytes_per_rank"]),
+            "zero3_grad_bytes_per_rank": max(memory[3]["grad_bytes_per_rank"]),
         },
         "baselines": {
             "torchrun_deepspeed_tokens_per_s": plain_tps,
             "hf_trainer_deepspeed_tokens_per_s": hf_tps,
+            "torchrun_deepspeed_tokens_per_s_before_ift": plain_tps_runs[0],
+            "torchrun_deepspeed_tokens_per_s_after_ift": plain_tps_runs[1],
             "zero0_bytes_per_rank": max(memory[0]["bytes_per_rank"]),
+            "zero0_grad_bytes_per_rank": max(memory[0]["grad_bytes_per_rank"]),
         },
         "ratios": {
             "ray_overhead": 1 - ift_tps / plain_tps,
             "ratio_vs_hf_trainer": ift_tps / hf_tps if hf_tps else None,
             "zero3_memory_ratio": max(memory[3]["bytes_per_rank"])
             / max(memory[0]["bytes_per_rank"]),
+            # The same without gradients (ZeRO-2/3 partition them; some would count them apart).
+            "zero3_memory_ratio_without_grads": _no_grads(memory[3]) / _no_grads(memory[0]),
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps(result, indent=2) + "\n")
     for section in ("measurements", "baselines", "ratios"):
         for k, v in result[section].items():
-            print(f"{section:>12}  {k:<36} {v if v is None else f'{v:.4g}'}")
+            print(f"{section:>12}  {k:<42} {v if v is None else f'{v:.4g}'}")
     return 0
 
 
@@ -241,6 +265,11 @@ def torchrun(mode: str, spec: dict, tmp: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{mode}: exit {proc.returncode}: {proc.stderr[-3000:]}")
     return json.loads(out_path.read_text())  # type: ignore[no-any-return]
+
+
+def _no_grads(mem: dict) -> float:
+    pairs = zip(mem["bytes_per_rank"], mem["grad_bytes_per_rank"], strict=True)
+    return max(b - g for b, g in pairs)
 
 
 def median_rate(out: dict) -> float:

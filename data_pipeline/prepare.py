@@ -16,8 +16,19 @@ The driver's memory therefore grows by tens of bytes per record, not with the to
 the output depends only on the inputs and the config, never on the number of workers or the
 order in which tasks finish.
 
+Memory: a worker handles a unit RECORDS_PER_BATCH records at a time and units are at most
+CHUNK_BYTES, so its memory does not grow with the input; the driver reads the spill files a
+slice at a time and drops their pages after each slice, packs in windows of PACK_WINDOW, and
+keeps 37 bytes of keys per record (the one part that still grows with the input).
+
+Exemplars: `exemplars/<task>.jsonl` holds up to `data.exemplars` kept train records per task
+as rendered text (`prompt`, `completion`), those with the lowest content hashes, for k-shot
+prompting; the workers send the text of train rows to the spill, and only the chosen rows'
+text is ever read back.
+
 Crash safety: everything is written to a temporary folder that is moved into place, and
-`manifest.json` is written last, atomically. No manifest, no dataset.
+`manifest.json` is written last, atomically. No manifest, no dataset. A rerun removes the
+temporary folders of killed runs.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import glob
 import gzip
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -46,13 +58,16 @@ from data_pipeline.sources import Reject, detect_format, parse_bytes, read_hf_da
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SPILL = ".spill"
-# Line-delimited files are cut at newlines into about 8 ranges each (64 KiB .. 4 MiB), so that
+EXEMPLARS = "exemplars"
+# Line-delimited files are cut at newlines into about 8 ranges each (64 KiB .. 1 MiB), so that
 # one big file still spreads over every worker and the driver can start on the first range
 # while the rest are tokenized. The cut depends on the file alone, never on the worker count.
 # Other formats (json arrays, csv with quoted newlines, parquet) go whole.
 RANGES_PER_FILE = 8
 MIN_CHUNK_BYTES = 64 << 10
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
+# A worker renders and tokenizes a unit this many records at a time (see ShardWorker._process).
+RECORDS_PER_BATCH = 1024
 # Nominal gzip ratio of text, to size the ranges of a .gz file from its compressed size.
 GZIP_RATIO = 3
 LINE_FORMATS = ("jsonl", "tsv")
@@ -60,6 +75,8 @@ ROWS_PER_SHARD = 50_000
 # Packed rows are built and written this many at a time (a divisor of ROWS_PER_SHARD, so a
 # slice never straddles two shard files).
 PACK_SLICE_ROWS = 5_000
+# Best-fit decreasing runs over windows of this many examples (in input order).
+PACK_WINDOW = 200_000
 # The tokenizer's identity is every file in its folder except model weights (too big to hash).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
@@ -83,7 +100,8 @@ ROW_SCHEMA = pa.schema(
         ("input_ids", _I32_LIST),
         ("labels", _I32_LIST),
         ("loss_tokens", pa.int32()),
-        # The test split's generation inputs; null on every other row.
+        # Rendered text: the test split's generation inputs, and on train rows (when exemplars
+        # are kept) the exemplar candidates; null on every other row.
         ("prompt", pa.string()),
         ("reference", pa.string()),
         ("prompt_ids", _I32_LIST),
@@ -173,6 +191,7 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "truncation": cfg.data.truncation,
         "seed": cfg.experiment.seed,
         "ratios": dict(cfg.data.split),
+        "train_text": cfg.data.exemplars > 0,
     }
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         ShardWorker,
@@ -183,12 +202,14 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         num_cpus=cpus,
     )
     tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    _remove_stale_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, SPILL))
     try:
         spilled = _spill(ds.iter_batches(batch_format="pyarrow", batch_size=None), tmp)
         # Line numbers only identify a record within its file: name the file when there are several.
         spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
+        spilled["chat_template"] = "tokenizer" if spec["chat_template"] else "default"
         t_tok = time.perf_counter() - t0
         total = spilled["good"] + spilled["rejected"]
         reject_fraction = spilled["rejected"] / total if total else 1.0
@@ -230,25 +251,54 @@ class ShardWorker:
         truncation: str,
         seed: int,
         ratios: dict[str, float],
+        train_text: bool = False,
     ) -> None:
-        self.renderers = [templates.renderer(s["template"], s["params"]) for s in sources]
+        chat = None
+        if tokenizer.get("chat_template"):
+            chat = templates.tokenizer_chat_template(
+                tokenizer["chat_template"],
+                tokenizer["special_tokens"],
+                strip_bos=tokenizer["bos"] is not None,
+            )
+        self.renderers = [
+            templates.renderer(s["template"], s["params"], chat_template=chat) for s in sources
+        ]
         self.pinned = [s["split"] for s in sources]
         self.encode = make_encoder(tokenizer)
         self.bos, self.eos = tokenizer["bos"], tokenizer["eos"]
         self.max_seq_len = max_seq_len
         self.truncation = truncation
         self.choose_split = split.split_chooser(seed, ratios)
+        self.train_text = train_text
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [self._process(unit) for unit in batch.to_pylist()]
         return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
     def _process(self, unit: dict[str, Any]) -> pa.Table:
+        """One unit, a batch of RECORDS_PER_BATCH records at a time: the Python objects of a
+        batch (texts, token lists) are freed once it is an Arrow table, so a worker's memory
+        is bounded by the batch, not by the unit."""
+        tables = []
+        batch: list[sources.Parsed] = []
+        for item in _records(unit):
+            batch.append(item)
+            if len(batch) == RECORDS_PER_BATCH:
+                tables.append(self._process_batch(unit, batch))
+                batch = []
+        if not tables and not batch and unit.get("whole", False):
+            # An empty input among good ones is most likely a mistake: say so, at line 0.
+            batch = [(0, Reject(unit["path"], 0, "empty file: no records"))]
+        if batch or not tables:
+            tables.append(self._process_batch(unit, batch))
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def _process_batch(self, unit: dict[str, Any], batch: list[sources.Parsed]) -> pa.Table:
         src_idx = unit["source"]
         render = self.renderers[src_idx]
         rejects: list[tuple[int, str]] = []
         rendered: list[tuple[int, list[tuple[str, str]]]] = []
-        for line, rec in _records(unit):
+        for line, rec in batch:
             if isinstance(rec, Reject):
                 rejects.append((line, rec.reason))
                 continue
@@ -256,40 +306,76 @@ class ShardWorker:
                 rendered.append((line, render(rec)))
             except templates.TemplateError as e:
                 rejects.append((line, str(e)))
-        # One tokenizer call per unit: the per-call overhead is paid once.
-        texts = [t for _, turns in rendered for pair in turns for t in pair]
-        ids = self.encode(texts) if texts else []
         good = _Columns()
-        pos = 0
-        for line, turns in rendered:
-            n = 2 * len(turns)
-            p_ids, c_ids = ids[pos : pos + n : 2], ids[pos + 1 : pos + n : 2]
-            pos += n
-            try:
-                input_ids, labels = tokenize.build_example(
-                    p_ids,
-                    c_ids,
-                    bos_id=self.bos,
-                    eos_id=self.eos,
-                    max_seq_len=self.max_seq_len,
-                    truncation=self.truncation,
-                )
-            except tokenize.LengthError as e:
-                rejects.append((line, str(e)))
+        tokenized = tokenize_turns(
+            [turns for _, turns in rendered],
+            self.encode,
+            bos_id=self.bos,
+            eos_id=self.eos,
+            max_seq_len=self.max_seq_len,
+            truncation=self.truncation,
+        )
+        for (line, turns), example in zip(rendered, tokenized, strict=True):
+            if isinstance(example, tokenize.LengthError):
+                rejects.append((line, str(example)))
                 continue
+            input_ids, labels, p_ids, c_ids = example
             pk, ck = split.keys(turns)
             name = self.pinned[src_idx] or self.choose_split(pk.hex())
             good.add(line, SPLIT_CODES[name], ck, pk, input_ids, labels)
             if name == "test":
                 good.add_test(
-                    "".join(p + c for p, c in turns[:-1]) + turns[-1][0],
+                    _prompt_text(turns),
                     turns[-1][1],
                     tokenize.prompt_ids_for_generation(p_ids, c_ids, self.bos, self.max_seq_len),
                 )
+            elif name == "train" and self.train_text:
+                good.add_test(_prompt_text(turns), turns[-1][1], [])
             else:
                 good.add_test(None, None, [])
         rejects.sort(key=lambda r: r[0])  # length rejects are found last; report in file order
         return good.table(src_idx, unit["part"], unit["path"], rejects)
+
+
+def tokenize_turns(
+    examples: list[split.Turns],
+    encode: Callable[[list[str]], list[list[int]]],
+    **build: Any,
+) -> list[tuple[list[int], list[int], list[list[int]], list[list[int]]] | tokenize.LengthError]:
+    """Tokenize rendered examples with one `encode` call, then mask each (`build_example`).
+
+    Shared by the workers and the `datasets.map` baseline of benchmarks/prepare.py, so that
+    both do exactly the same work per record.
+
+    Args:
+        examples: Each example's (prompt, completion) turns.
+        encode: texts -> ids, without special tokens (`make_encoder`).
+        **build: `bos_id`, `eos_id`, `max_seq_len`, `truncation` for `build_example`.
+
+    Returns:
+        Per example `(input_ids, labels, prompt ids per turn, completion ids per turn)`, or
+        the `LengthError` that rejects it.
+    """
+    # One tokenizer call for all: the per-call overhead is paid once.
+    texts = [t for turns in examples for pair in turns for t in pair]
+    ids = encode(texts) if texts else []
+    del texts
+    out: list[Any] = []
+    pos = 0
+    for turns in examples:
+        n = 2 * len(turns)
+        p_ids, c_ids = ids[pos : pos + n : 2], ids[pos + 1 : pos + n : 2]
+        pos += n
+        try:
+            out.append((*tokenize.build_example(p_ids, c_ids, **build), p_ids, c_ids))
+        except tokenize.LengthError as e:
+            out.append(e)
+    return out
+
+
+def _prompt_text(turns: split.Turns) -> str:
+    """Everything before the last completion: the prompt a model continues to produce it."""
+    return "".join(p + c for p, c in turns[:-1]) + turns[-1][0]
 
 
 class _Columns:
@@ -372,12 +458,20 @@ def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict[str, Any]
     tok = load_tokenizer(path, trust_remote_code)
     bos, eos = special_ids(tok)
     backend = getattr(tok, "backend_tokenizer", None)
+    # The tokenizer's own chat template (tokenizer_config.json or chat_template.jinja, as
+    # transformers resolved it), rendered by the `chat` template in the workers.
+    chat_template = getattr(tok, "chat_template", None)
+    if isinstance(chat_template, dict):  # named templates: the default one
+        chat_template = chat_template.get("default")
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
     return {
         "json": backend.to_str() if backend is not None else None,
         "path": path,
         "trust_remote_code": trust_remote_code,
         "bos": bos,
         "eos": eos,
+        "chat_template": chat_template if isinstance(chat_template, str) else None,
+        "special_tokens": {n: v for n in names if isinstance(v := getattr(tok, n, None), str)},
     }
 
 
@@ -548,13 +642,15 @@ def _write_dataset(
     capacity = cfg.data.max_seq_len
     digest = hashlib.sha256()
     splits: dict[str, Any] = {}
+    exemplars: dict[str, Any] = {}
     for name in split.SPLITS:
         in_split = spilled["split"] == SPLIT_CODES[name]
         mask = keep[in_split]  # spill rows are in input order too
-        table = _read_spill(spilled["spill"].get(name))
+        table, release = _read_spill(spilled["spill"].get(name))
         kept = np.flatnonzero(mask)
         lengths = _list_lengths(table.column("input_ids"))[kept]
         loss_tokens = table.column("loss_tokens").to_numpy()[kept]
+        release()
         info: dict[str, Any] = {**tokenize.token_stats(lengths.tolist(), loss_tokens.tolist())}
         schema = TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
         writer = _ShardWriter(os.path.join(tmp, name), schema)
@@ -563,17 +659,24 @@ def _write_dataset(
                 table, kept, names, spilled["multi_file"], with_text=(name == "test")
             ):
                 writer.write(batch)
+                release()
             info["packed"] = False
         else:
-            bins = pack.best_fit_decreasing(lengths.tolist(), capacity)
-            for start in range(0, len(bins), PACK_SLICE_ROWS):
-                writer.write(
-                    _packed_batch(table, kept, lengths, bins[start : start + PACK_SLICE_ROWS])
-                )
+            # Packed a window of PACK_WINDOW examples at a time, so that the packer's Python
+            # lists stay bounded however big the split is.
+            n_bins = 0
+            for first in range(0, len(kept), PACK_WINDOW):
+                window = lengths[first : first + PACK_WINDOW]
+                bins = pack.best_fit_decreasing(window.tolist(), capacity)
+                n_bins += len(bins)
+                for start in range(0, len(bins), PACK_SLICE_ROWS):
+                    part = bins[start : start + PACK_SLICE_ROWS]
+                    writer.write(_packed_batch(table, kept[first:], window, part))
+                    release()
             info["packed"] = True
-            info["packed_rows"] = len(bins)
+            info["packed_rows"] = n_bins
             info["packing_efficiency"] = (
-                float(lengths.sum()) / (len(bins) * capacity) if bins else 0.0
+                float(lengths.sum()) / (n_bins * capacity) if n_bins else 0.0
             )
         info["examples"] = int(len(kept))
         info["rows"] = writer.rows
@@ -583,7 +686,12 @@ def _write_dataset(
         counts = np.bincount(sources_kept, minlength=len(names))
         info["per_task"] = {n: int(counts[i]) for i, n in enumerate(names)}
         splits[name] = info
+        if name == "train" and cfg.data.exemplars:
+            ck = (spilled["ck_hi"][in_split][kept], spilled["ck_lo"][in_split][kept])
+            exemplars = _write_exemplars(tmp, table, kept, ck, names, cfg.data.exemplars)
+            digest.update(f"exemplars:{json.dumps(exemplars, sort_keys=True)}".encode())
         del table
+        release()
     shutil.rmtree(os.path.join(tmp, SPILL))
     manifest = {
         "version": 2,
@@ -599,10 +707,12 @@ def _write_dataset(
                 "params": s.params,
                 "metrics": s.metrics,
                 "template_hash": templates.template_fingerprint(s.template, s.params),
+                **({"chat_template": spilled["chat_template"]} if s.template == "chat" else {}),
             }
             for s in cfg.data.sources
         ],
         "splits": splits,
+        "exemplars": exemplars,
         "rejected": int(spilled["rejected"]),
         "duplicates": stats["duplicates"],
         "capped": stats["capped"],
@@ -622,17 +732,122 @@ def _write_dataset(
     return manifest
 
 
-def _read_spill(path: str | None) -> pa.Table:
-    """A split's spill file, memory mapped: its pages are read on demand and never copied."""
+def exemplar_rows(
+    ck_hi: np.ndarray, ck_lo: np.ndarray, groups: np.ndarray, n_groups: int, k: int
+) -> list[np.ndarray]:
+    """Per group, the rows of the `k` lowest distinct content keys, lowest first.
+
+    The keys are hashes of the rendered text, so the choice is a fair sample that depends on
+    the content alone (not on file order or the number of workers); a key seen twice (dedupe
+    off) is one exemplar.
+
+    Args:
+        ck_hi: High 64 bits of each row's content key.
+        ck_lo: Low 64 bits.
+        groups: Each row's group (task) index in ``[0, n_groups)``.
+        n_groups: Number of groups.
+        k: Exemplars per group.
+
+    Returns:
+        One array of row indices per group, at most ``k`` long.
+    """
+    order = np.lexsort((ck_lo, ck_hi, groups))
+    g, hi, lo = groups[order], ck_hi[order], ck_lo[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (g[1:] != g[:-1]) | (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    order, g = order[new], g[new]
+    starts = np.searchsorted(g, np.arange(n_groups))
+    ends = np.searchsorted(g, np.arange(n_groups), side="right")
+    return [order[a : min(b, a + k)] for a, b in zip(starts, ends, strict=True)]
+
+
+def _write_exemplars(
+    tmp: str,
+    table: pa.Table,
+    kept: np.ndarray,
+    ck: tuple[np.ndarray, np.ndarray],
+    names: list[str],
+    k: int,
+) -> dict[str, Any]:
+    """`exemplars/<task>.jsonl`: up to `k` kept train rows per task as rendered text.
+
+    Only the chosen rows' text is read from the (memory-mapped) train spill. Every task gets a
+    file, empty when it has no train rows (e.g. a source pinned to test).
+    """
+    tasks = sorted(set(names))
+    task_of_source = np.asarray([tasks.index(n) for n in names], np.int64)
+    groups = task_of_source[table.column("source").to_numpy()[kept]]
+    chosen = exemplar_rows(ck[0], ck[1], groups, len(tasks), k)
+    os.makedirs(os.path.join(tmp, EXEMPLARS))
+    out: dict[str, Any] = {}
+    for task, rows in zip(tasks, chosen, strict=True):
+        picked = _take(table, kept[rows], ["prompt", "reference"]).to_pylist()
+        lines = [json.dumps({"prompt": r["prompt"], "completion": r["reference"]}) for r in picked]
+        rel = f"{EXEMPLARS}/{task}.jsonl"
+        with open(os.path.join(tmp, rel), "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        out[task] = {"file": rel, "rows": len(lines)}
+    return out
+
+
+def _remove_stale_tmp(out_dir: str) -> None:
+    """Delete the temporary folders of earlier runs that were killed (their process is gone),
+    so that crashes do not pile up spill files next to the dataset. A folder whose process
+    still runs on this host is another prepare at work and is left alone."""
+    for path in glob.glob(glob.escape(out_dir.rstrip("/")) + ".tmp-*"):
+        suffix = path.rsplit(".tmp-", 1)[1]
+        if not suffix.isdigit() or not os.path.isdir(path):
+            continue
+        try:
+            os.kill(int(suffix), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _read_spill(path: str | None) -> tuple[pa.Table, Callable[[], None]]:
+    """A split's spill file, memory mapped, and a function that drops its pages from the
+    process: they are read on demand and never copied, and releasing them after each slice
+    keeps the driver's resident memory flat however big the spill is (the data stays in the
+    page cache; a later read maps it again)."""
     if path is None:
-        return ROW_SCHEMA.empty_table().select(SPILL_COLUMNS)
-    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+        return ROW_SCHEMA.empty_table().select(SPILL_COLUMNS), lambda: None
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    table = pa.ipc.open_file(pa.py_buffer(mapped)).read_all()
+    return table, lambda: mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _list_lengths(column: pa.ChunkedArray) -> np.ndarray:
     if column.num_chunks == 0:
         return np.zeros(0, np.int64)
     return pc.list_value_length(column).to_numpy().astype(np.int64)
+
+
+def _take(table: pa.Table, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """`table.select(columns).take(rows)`, one record batch at a time.
+
+    Arrow's take on a chunked column first concatenates all its chunks, i.e. copies the whole
+    spill column into memory for every slice; here only the batches that hold a wanted row
+    are touched, and only those rows are copied.
+    """
+    if len(rows) == 0:
+        return table.select(columns).slice(0, 0)
+    batches = table.select(columns).to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    in_order, which = rows[order], which[order]
+    used, first = np.unique(which, return_index=True)
+    ends = list(first[1:]) + [len(which)]
+    parts = [
+        batches[b].take(pa.array(in_order[i:j] - starts[b]))
+        for b, i, j in zip(used, first, ends, strict=True)
+    ]
+    grouped = pa.Table.from_batches(parts).combine_chunks()
+    # Back from batch order to the order asked for.
+    return grouped.take(pa.array(np.argsort(order, kind="stable")))
 
 
 def _plain_batches(
@@ -644,7 +859,7 @@ def _plain_batches(
     several files (the index in the sorted file list), so that ids are unique.
     """
     for start in range(0, len(kept), PACK_SLICE_ROWS):
-        rows = table.take(pa.array(kept[start : start + PACK_SLICE_ROWS]))
+        rows = _take(table, kept[start : start + PACK_SLICE_ROWS], SPILL_COLUMNS)
         lengths = _list_lengths(rows.column("input_ids"))
         cols: dict[str, Any] = {
             "input_ids": rows.column("input_ids").combine_chunks(),
@@ -684,7 +899,7 @@ def _packed_batch(
     """
     members = np.fromiter((i for b in bins for i in b), np.int64)
     per_row = np.fromiter((len(b) for b in bins), np.int64, count=len(bins))
-    rows = table.take(pa.array(kept[members]))
+    rows = _take(table, kept[members], ["input_ids", "labels"])
     ids = pc.list_flatten(rows.column("input_ids")).to_numpy()
     labels = pc.list_flatten(rows.column("labels")).to_numpy().copy()
     example_lens = lengths[members]
@@ -838,6 +1053,7 @@ def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
             ranges = _line_ranges(path, gz, chunk) if fmt in LINE_FORMATS else None
             if not ranges or len(ranges) == 1:
                 ranges, gz = [(0, size, 1)], False  # whole file; parse_bytes gunzips it
+            whole = len(ranges) == 1
             for start, end, first_line in ranges:
                 units.append(
                     {
@@ -849,6 +1065,7 @@ def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
                         "start": start,
                         "end": end,
                         "first_line": first_line,
+                        "whole": whole,
                     }
                 )
     return units
@@ -955,5 +1172,7 @@ def _code_fingerprint() -> str:
     h = hashlib.sha256()
     for mod in (sources, tokenize, pack, split):
         h.update(Path(mod.__file__ or "").read_bytes())
+    # The `chat` template's tokenizer path (the `chat` function itself is hashed per template).
+    h.update(templates._definition_text(templates.tokenizer_chat_template).encode())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

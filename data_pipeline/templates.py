@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Re-exported next to the squad template; the flattening itself belongs to the readers.
@@ -570,6 +572,133 @@ def _render_custom(spec: dict[str, Any], record: dict[str, Any]) -> Turns:
     return _single(rendered[0], rendered[1], "completion")
 
 
+# --- a tokenizer's own chat template --------------------------------------------------------
+
+
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` renders its body, as in transformers (which
+    uses it to mark assistant tokens; here the spans come from rendering prefixes instead)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_chat(source: str) -> jinja2.Template:
+    """Compiled as transformers' ``apply_chat_template`` does: immutable sandbox, trimmed
+    blocks, loop controls, ``raise_exception`` and a ``tojson`` that does not escape HTML.
+    ``strftime_now`` is left out on purpose: the data must not depend on the day it is built
+    (templates that use it test ``is defined`` and fall back to a fixed date)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_Generation, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
+
+
+def tokenizer_chat_template(
+    source: str, special_tokens: dict[str, str | None], *, strip_bos: bool = True
+) -> ChatTemplate:
+    """The ``chat`` template's turns from a tokenizer's own Jinja chat template.
+
+    The conversation is rendered as ``apply_chat_template`` renders it (``messages`` with
+    ``role`` and ``content``, ``add_generation_prompt``, the special tokens such as
+    ``bos_token``). Each learned assistant message is found by rendering prefixes: the prompt
+    is ``render(messages[:i], add_generation_prompt=True)`` past what earlier turns covered,
+    the completion is what ``render(messages[:i + 1])`` adds to it (so the end-of-turn marker
+    the template writes, e.g. ``</s>`` or ``<|im_end|>``, is learned). Messages after the last
+    learned one are dropped. A leading ``bos_token`` (when ``strip_bos``) and a trailing
+    ``eos_token`` are cut from the text because tokenization adds them as ids
+    (``tokenize.build_example``); everything else is kept, so the turns joined are the
+    template's text exactly.
+
+    Args:
+        source: The Jinja chat template (``tokenizer.chat_template``).
+        special_tokens: ``bos_token``, ``eos_token``, ... as strings (None when absent).
+        strip_bos: Whether tokenization prepends the bos id (not for GPT-2-like tokenizers).
+
+    Returns:
+        A ``ChatTemplate`` for ``render``/``renderer``; it raises ``TemplateError`` when the
+        template refuses a conversation (``raise_exception``), fails, or renders a prefix of
+        the conversation differently from the whole (then spans cannot be found).
+
+    Raises:
+        ValueError: On a Jinja syntax error in the template.
+    """
+    try:
+        template = _compile_chat(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(
+            f"tokenizer chat template: syntax error on line {exc.lineno}: {exc.message}"
+        ) from None
+    bos, eos = special_tokens.get("bos_token"), special_tokens.get("eos_token")
+
+    def text(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+            )
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(f"tokenizer chat template refused by the sandbox: {exc}") from None
+        except Exception as exc:  # raise_exception, or any failure on an odd conversation
+            raise TemplateError(f"tokenizer chat template: {type(exc).__name__}: {exc}") from None
+
+    def turns(normalized: list[dict[str, Any]]) -> Turns:
+        messages = [{"role": m["role"], "content": m["content"]} for m in normalized]
+        learned = [
+            i for i, m in enumerate(normalized) if m["role"] == "assistant" and m["loss_weight"] > 0
+        ]
+        if not learned:
+            raise TemplateError("field 'messages' has no assistant message to learn from")
+        out: Turns = []
+        done = ""  # the text the turns so far cover
+        for i in learned:
+            prompt_text = text(messages[:i], add_generation_prompt=True)
+            whole = text(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt_text.startswith(done) and whole.startswith(prompt_text)):
+                raise TemplateError(
+                    f"tokenizer chat template renders messages[:{i}] differently inside the "
+                    "longer conversation, so the assistant span cannot be found"
+                )
+            if not whole[len(prompt_text) :].strip():
+                raise TemplateError(f"empty completion (messages[{i}])")
+            out.append((prompt_text[len(done) :], whole[len(prompt_text) :]))
+            done = whole
+        if strip_bos and bos and out[0][0].startswith(bos):
+            out[0] = (out[0][0][len(bos) :], out[0][1])
+        if eos and out[-1][1].endswith(eos) and out[-1][1][: -len(eos)].strip():
+            out[-1] = (out[-1][0], out[-1][1][: -len(eos)])
+        return out
+
+    return turns
+
+
 # --- public API ------------------------------------------------------------------------------
 
 
@@ -690,10 +819,26 @@ def _definition_text(function: Callable[..., Any]) -> str:
                 if used in module_globals:
                     visit(used, module_globals[used])
         elif isinstance(obj, str | int | float | tuple | dict | frozenset):
-            parts.append(f"{name} = {obj!r}")
+            parts.append(f"{name} = {_stable_repr(obj)}")
 
     visit(function.__name__, function)
     return "\n".join(parts)
+
+
+def _stable_repr(obj: Any) -> str:
+    """repr that is the same in every process: no memory addresses (functions go by name, their
+    source is hashed on its own), no hash-seed-dependent set order."""
+    if isinstance(obj, dict):
+        return (
+            "{" + ", ".join(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in obj.items()) + "}"
+        )
+    if isinstance(obj, tuple | list):
+        return "(" + ", ".join(_stable_repr(v) for v in obj) + ")"
+    if isinstance(obj, frozenset | set):
+        return "{" + ", ".join(sorted(_stable_repr(v) for v in obj)) + "}"
+    if callable(obj):
+        return f"<{getattr(obj, '__qualname__', type(obj).__name__)}>"
+    return repr(obj)
 
 
 def template_fingerprint(spec: str | dict[str, Any], params: dict[str, Any] | None = None) -> str:

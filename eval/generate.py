@@ -1,6 +1,9 @@
 """Batched generation with a Hugging Face causal LM: left padding, KV cache, stop strings.
 
-No Ray here: `eval.evaluate.Generator` wraps these functions in a Ray Data actor.
+A row stops generating as soon as its text contains a stop string (`StopOnText`, the same
+test `cut_at_stop` applies afterwards), so a batch ends when its slowest row is done, not after
+`max_new_tokens`. No Ray here: `eval.evaluate.Generator` wraps these functions in a Ray Data
+actor.
 """
 
 from __future__ import annotations
@@ -27,6 +30,28 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return body[:cut].strip()
 
 
+class StopOnText:
+    """Stopping criterion: a row is done once its decoded new text holds a stop string.
+
+    The test is `cut_at_stop`'s (after leading whitespace), so stopping early never changes a
+    prediction: decoding more tokens only appends text after the stop string, which the cut
+    removes anyway. Finished rows are padded by `generate` and draw no further tokens that
+    matter; other rows' sampling is unchanged, since each step still samples the whole batch.
+    """
+
+    def __init__(self, tok: Any, stops: list[str], prompt_width: int) -> None:
+        self.tok = tok
+        self.stops = [s for s in stops if s]
+        self.width = prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tok.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        done = [any(s in t.lstrip() for s in self.stops) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def generate(
     model: Any,
     tok: Any,
@@ -39,12 +64,63 @@ def generate(
     stop: list[str] | None = None,
     seed: int = 0,
     pad_id: int | None = None,
+    stop_early: bool = True,
 ) -> list[str]:
     """Generate continuations for token-id prompts; greedy unless `temperature > 0`.
 
     Returns the decoded new text of each prompt, cut at the first stop string.
     """
+    return generate_counted(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        num_beams=num_beams,
+        stop=stop,
+        seed=seed,
+        pad_id=pad_id,
+        stop_early=stop_early,
+    )[0]
+
+
+def generate_counted(
+    model: Any,
+    tok: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    stop: list[str] | None = None,
+    seed: int = 0,
+    pad_id: int | None = None,
+    stop_early: bool = True,
+) -> tuple[list[str], list[int]]:
+    """`generate`, also returning the number of tokens generated for each prompt.
+
+    Args:
+        model: A Hugging Face causal LM.
+        tok: Its tokenizer.
+        prompts: Token ids of each prompt (no padding).
+        max_new_tokens: Most tokens generated per prompt.
+        temperature: 0: greedy; else sampling at this temperature with `top_p`.
+        top_p: Nucleus sampling mass.
+        num_beams: Beam search width.
+        stop: Stop strings: the text is cut at the first (after leading whitespace).
+        seed: Torch seed set before generating (sampling).
+        pad_id: Padding id (default: the tokenizer's pad, else EOS).
+        stop_early: Stop a row once its text holds a stop string (not with beam search,
+            where a beam finished early would change which beams win); False generates to
+            EOS or `max_new_tokens` and only cuts afterwards.
+
+    Returns:
+        (texts, tokens generated per prompt before it stopped: EOS, stop string or limit).
+    """
     import torch
+    from transformers import StoppingCriteriaList
 
     pad = (
         pad_id
@@ -69,8 +145,26 @@ def generate(
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop_early and num_beams == 1 and any(stop or []):
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnText(tok, stop or [], width)])
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [cut_at_stop(t, stop or []) for t in texts]
+    new = out[:, width:]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stop(t, stop or []) for t in texts], _generated_lengths(new, pad, tok)
+
+
+def _generated_lengths(new: Any, pad: int, tok: Any) -> list[int]:
+    """Tokens each row generated: up to and including its EOS, else up to the padding that
+    `generate` appends once a row is done, else the whole width."""
+    ends = {int(pad)} | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
+    lengths = []
+    for row in new.tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in ends:
+                n = i + (1 if t == tok.eos_token_id else 0)
+                break
+        lengths.append(n)
+    return lengths

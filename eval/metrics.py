@@ -511,25 +511,13 @@ def bootstrap_ci(
         (low, high) on the 0-100 scale.
     """
     _check_name(name)
-    opts = MetricOptions.from_dict(options)
     refs = _check_inputs(predictions, references)
-    if not refs:
-        raise ValueError("no examples to bootstrap")
-    params, segments = _segment_stats(name, list(predictions), refs, opts)
-    table = np.asarray(segments, dtype=np.int64 if name in _COUNT_METRICS else np.float64)
-    key = key or next(iter(finalize(name, _stats_from_segments(name, params, segments))))
-    rng = np.random.default_rng(seed)
-    scores = []
-    for _ in range(n):
-        sample = table[rng.integers(0, len(table), size=len(table))]
-        if name in _COUNT_METRICS:
-            stats = MetricStats(name, params, len(sample), tuple(int(c) for c in sample.sum(0)))
-        else:
-            stats = MetricStats(name, params, len(sample), values=tuple(map(tuple, sample)))
-        scores.append(finalize(name, stats)[key])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(scores, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    # One resampling loop for both APIs: the (n, examples) index table drawn at once holds
+    # the same draws as n successive `integers(0, m, size=m)` calls on the same generator.
+    samples = bootstrap_scores(
+        name, predictions, refs, bootstrap_indices(len(refs), n, seed), options
+    )
+    return percentile_interval(samples[key or next(iter(samples))], confidence)
 
 
 def bootstrap_indices(num_examples: int, n: int, seed: int) -> np.ndarray:

@@ -1,7 +1,10 @@
 """The evaluation report: base vs fine-tuned per metric, as Markdown and as a PNG chart.
 
-    <output_dir>/eval/report.md        metric | base | fine-tuned | delta (with bootstrap CIs)
+    <output_dir>/eval/report.md        metric | base | [base k-shot |] fine-tuned | delta
     <output_dir>/eval/comparison.png   grouped bars, one group per metric
+
+The k-shot column (role `base_fewshot`) appears when that role was evaluated; the delta is
+always fine-tuned minus zero-shot base.
 
 `build_markdown` and `bootstrap_by_task` are pure; `write_report` reads each role's
 `metrics.json` (and, for the confidence interval of the delta, both `predictions.jsonl`) and
@@ -21,7 +24,7 @@ import numpy as np
 from eval import metrics as M
 
 Interval = tuple[float, float]
-ROLE_TITLES = {"base": "base", "finetuned": "fine-tuned"}
+ROLE_TITLES = {"base": "base", "base_fewshot": "base k-shot", "finetuned": "fine-tuned"}
 REPORT_FILE = "report.md"
 CHART_FILE = "comparison.png"
 
@@ -80,6 +83,7 @@ def build_markdown(
     delta_intervals: Mapping[str, Interval] | None = None,
     bootstrap: Mapping[str, Any] | None = None,
     models: Mapping[str, str] | None = None,
+    few_shot: int | None = None,
 ) -> str:
     """The report as Markdown: one table of task metrics, one of generation throughput.
 
@@ -90,6 +94,7 @@ def build_markdown(
         delta_intervals: Key -> interval of fine-tuned minus base (paired bootstrap).
         bootstrap: `{"samples", "seed", "confidence"}`, described under the table.
         models: Role -> model path or URI.
+        few_shot: Exemplars per prompt of the `base_fewshot` role, shown with its model.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -97,22 +102,24 @@ def build_markdown(
     intervals = intervals or {}
     delta_intervals = delta_intervals or {}
     base, ft = evals.get("base", {}), evals.get("finetuned", {})
+    roles = table_roles(evals)
+    titles = " | ".join(ROLE_TITLES[r] for r in roles)
     names = sorted({k for m in evals.values() for k in m if not k.startswith("eval/")})
     lines = ["# Evaluation report", ""]
     if models:
         for role in ROLE_TITLES:
             if role in models:
-                lines.append(f"- {ROLE_TITLES[role]}: `{models[role]}`")
+                shots = f" with {few_shot} exemplars per prompt" if role == "base_fewshot" else ""
+                lines.append(f"- {ROLE_TITLES[role]}: `{models[role]}`{shots}")
         lines.append("")
-    lines += ["| metric | base | fine-tuned | delta |", "|---|---:|---:|---:|"]
+    lines += [f"| metric | {titles} | delta |", "|---|" + "---:|" * (len(roles) + 1)]
     for n in names:
         b, f = base.get(n), ft.get(n)
         delta = f - b if b is not None and f is not None else None
-        lines.append(
-            f"| {n} | {_cell(b, intervals.get('base', {}).get(n))} "
-            f"| {_cell(f, intervals.get('finetuned', {}).get(n))} "
-            f"| {_cell(delta, delta_intervals.get(n), signed=True)} |"
+        cells = " | ".join(
+            _cell(evals.get(r, {}).get(n), intervals.get(r, {}).get(n)) for r in roles
         )
+        lines.append(f"| {n} | {cells} | {_cell(delta, delta_intervals.get(n), signed=True)} |")
     lines.append("")
     note = "Scores are on a 0-100 scale."
     if bootstrap and bootstrap.get("samples"):
@@ -129,13 +136,18 @@ def build_markdown(
     lines += [note, ""]
     speed = sorted({k for m in evals.values() for k in m if k.startswith("eval/")})
     if speed:
-        lines += ["## Generation", "", "| | base | fine-tuned |", "|---|---:|---:|"]
+        lines += ["## Generation", "", f"| | {titles} |", "|---|" + "---:|" * len(roles)]
         for k in speed:
-            lines.append(
-                f"| {k.removeprefix('eval/')} | {_cell(base.get(k))} | {_cell(ft.get(k))} |"
-            )
+            cells = " | ".join(_cell(evals.get(r, {}).get(k)) for r in roles)
+            lines.append(f"| {k.removeprefix('eval/')} | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def table_roles(evals: Mapping[str, Any]) -> list[str]:
+    """Columns of a comparison table: base and fine-tuned always (the delta's two sides), the
+    k-shot base between them when it was evaluated."""
+    return [r for r in ROLE_TITLES if r != "base_fewshot" or r in evals]
 
 
 def plot_comparison(
@@ -176,7 +188,7 @@ def plot_comparison(
             ax.errorbar(pos, values, yerr=err, fmt="none", ecolor="black", capsize=3)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("score (0-100)")
-    ax.set_title("base vs fine-tuned")
+    ax.set_title(" vs ".join(ROLE_TITLES[r] for r in roles) or "no results")
     if roles:
         ax.legend()
     fig.tight_layout()
@@ -214,6 +226,7 @@ def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a"
         delta,
         bootstrap=settings,
         models={r: str(d.get("model", "")) for r, d in data.items()},
+        few_shot=data.get("base_fewshot", {}).get("few_shot"),
     )
     report = os.path.join(eval_dir, REPORT_FILE)
     chart = os.path.join(eval_dir, CHART_FILE)

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan pass `gt=0` checks (lr=.inf, epochs=.inf) and break arithmetic later: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ExperimentConfig(_Strict):
@@ -88,6 +89,9 @@ class DataConfig(_Strict):
     max_reject_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     max_test_records: int | None = Field(default=None, gt=0)
     """Cap on test records per source (eval cost); the rest of the test split is dropped."""
+    exemplars: int = Field(default=8, ge=0)
+    """Train records per task kept as text in `exemplars/<task>.jsonl` (chosen by content hash,
+    so independent of file order) for k-shot prompting of the base model (`eval.few_shot`)."""
 
 
 class LoraSettings(_Strict):
@@ -151,9 +155,16 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    models: list[Literal["base", "finetuned"]] = Field(
+    models: list[Literal["base", "base_fewshot", "finetuned"]] = Field(
         default_factory=lambda: ["base", "finetuned"]  # type: ignore[arg-type]
     )
+    """Roles to evaluate: the base model zero-shot, the base model k-shot (`few_shot`
+    exemplars from the train split before each prompt), the fine-tuned model."""
+    few_shot: int = Field(default=0, ge=0)
+    """Exemplars per prompt for the `base_fewshot` role (at most `data.exemplars`)."""
+    finetuned_model: str | None = None
+    """The fine-tuned model to evaluate: a folder or an MLflow model URI (`models:/NAME@ALIAS`,
+    `runs:/RUN_ID/model`); default `<experiment.output_dir>/model`."""
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=16, gt=0)
     num_workers: int = Field(default=1, gt=0)
@@ -359,19 +370,34 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append("train.offload_params: parameter offload needs train.zero_stage=3")
     if t.offload_optimizer and t.zero_stage == 0:
         problems.append("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
-    if t.lora is not None and t.zero_stage == 3:
-        problems.append(
-            "train.lora: LoRA is supported with train.zero_stage 0-2 (the adapter "
-            "is small; ZeRO-3 buys nothing there)"
-        )
     if not t.use_gpu and t.precision == "fp16":
         problems.append("train.precision: fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16")
+    if cfg.model.attn_implementation == "flash_attention_2" and not t.use_gpu:
+        # Otherwise transformers fails inside every Ray worker, after the cluster has started.
+        # Whether flash_attn is installed is the workers' business: `ift submit` validates on a
+        # laptop that need not have it.
+        problems.append(
+            "model.attn_implementation: flash_attention_2 needs a GPU (train.use_gpu=true); "
+            "use sdpa or eager"
+        )
     if (
         t.stop_after_steps is not None
         and t.max_steps is not None
         and t.stop_after_steps > t.max_steps
     ):
         problems.append("train.stop_after_steps: larger than train.max_steps")
+    e = cfg.eval
+    if "base_fewshot" in e.models and e.few_shot == 0:
+        problems.append("eval.models: role 'base_fewshot' needs eval.few_shot >= 1 exemplars")
+    if e.few_shot > 0 and "base_fewshot" not in e.models:
+        problems.append(
+            f"eval.few_shot: {e.few_shot} exemplars set but eval.models has no 'base_fewshot' role"
+        )
+    if e.few_shot > cfg.data.exemplars:
+        problems.append(
+            f"eval.few_shot: {e.few_shot} exemplars but prepare keeps only "
+            f"data.exemplars={cfg.data.exemplars} per task"
+        )
     problems += k8s_cross_check(cfg)
     ratios = cfg.data.split
     unknown = sorted(set(ratios) - set(SPLITS))
@@ -455,6 +481,9 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
     model: dict[str, Any] = raw["model"] if isinstance(raw.get("model"), dict) else {}
     for key in ("name_or_path", "tokenizer"):
         path = model.get(key)
+        if isinstance(path, str) and "\x00" in path:  # os/pwd calls raise ValueError on NUL
+            problems.append(f"model.{key}: path contains a NUL character: {path!r}")
+            continue
         if not isinstance(path, str) or _is_remote(path) or Path(path).expanduser().exists():
             continue
         # A relative path whose first component exists, or an explicit ./ / ~ path, is clearly
@@ -466,7 +495,7 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
             problems.append(f"model.{key}: model folder not found: {path}")
     t: dict[str, Any] = raw["train"] if isinstance(raw.get("train"), dict) else {}
     ds = t.get("ds_config")
-    if isinstance(ds, str) and not _is_remote(ds) and not Path(ds).is_file():
+    if isinstance(ds, str) and not _is_remote(ds) and ("\x00" in ds or not Path(ds).is_file()):
         problems.append(f"train.ds_config: file not found: {ds}")
 
     from data_pipeline.templates import validate_template
@@ -483,23 +512,28 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
         if (
             isinstance(path, str)
             and not _is_remote(path)
-            and not glob.glob(os.path.expanduser(path))
+            and ("\x00" in path or not glob.glob(os.path.expanduser(path)))
         ):
             problems.append(f"{key}.path: no file matches {path}")
         template = src.get("template")
-        if isinstance(template, str | dict):
+        params = src.get("params")
+        # Wrongly typed params / name / metrics are schema errors, reported above; skip them here.
+        if isinstance(template, str | dict) and isinstance(params, dict | None):
             try:
-                validate_template(template, src.get("params") or {})
+                validate_template(template, params or {})
             except ValueError as e:
                 problems.append(f"{key}.template: {e}")
         task = src.get("name") or (template if isinstance(template, str) else Path(str(path)).stem)
+        if not isinstance(task, str):
+            continue
         if task in names:
             problems.append(
                 f"{key}.name: task name {task!r} also used by data.sources."
                 f"{names[task]}; set distinct `name`s"
             )
         names[task] = i
-        bad = [m for m in src.get("metrics") or [] if m not in METRIC_NAMES]
+        metrics = src.get("metrics")
+        bad = [m for m in metrics if m not in METRIC_NAMES] if isinstance(metrics, list) else []
         if bad:
             problems.append(f"{key}.metrics: unknown metric(s) {bad}; known: {list(METRIC_NAMES)}")
     return problems
@@ -512,7 +546,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:  # `train.lr=[1`, `x=!!python/object:...`: a typo, not a crash
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({problem})") from None
+    return key.split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -523,7 +562,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node: Any = out
         for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not _is_index(part) or int(part) >= len(node):
                     raise ConfigError(f"{'.'.join(path[: depth + 1])}: no such list item")
                 node = node[int(part)]
             else:
@@ -534,12 +573,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"{'.'.join(path[: depth + 1])}: is a value, not a section")
         last = path[-1]
         if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
+            if not _is_index(last) or int(last) >= len(node):
                 raise ConfigError(f"{'.'.join(path)}: no such list item")
             node[int(last)] = value
         else:
             node[last] = value
     return out
+
+
+def _is_index(part: str) -> bool:
+    # ASCII only: "²".isdigit() is True but int("²") raises.
+    return part.isascii() and part.isdigit()
 
 
 def _format_validation_error(err: ValidationError) -> list[str]:
@@ -620,13 +664,43 @@ def resolve_paths(cfg: Config) -> Config:
     return cfg
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def to_yaml(cfg: Config, redact: bool = True) -> str:
+    """The resolved config as YAML; with `redact` (for logging), secrets masked as in `flatten`."""
+    dumped = cfg.model_dump(mode="json")
+    return yaml.safe_dump(redact_secrets(dumped) if redact else dumped, sort_keys=False)
 
 
+# The password runs to the *last* `@` of the URI: an unencoded `@` or `/` in a password must not
+# leave its tail visible; `redis://:pw@host` (no user) counts too.
+URI_PASSWORD_RE = re.compile(r"(://[^:/@\s]*:)[^\s]*@")
+# Credentials passed as query parameters (`?password=...`, `&access_token=...`, `&sig=...`).
+URI_QUERY_SECRET_RE = re.compile(
+    r"([?&;](?:[^=&;#\s]*[_-])?(?:password|passwd|pwd|secret|api_?key|access_?key|token|sig|"
+    r"signature|credential|credentials)=)[^&;#\s]*",
+    re.IGNORECASE,
+)
 # Leaf names that hold credentials; matched whole-word so `max_new_tokens` stays visible.
-URI_PASSWORD_RE = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 SECRET_RE = re.compile(r"(^|_)(password|passwd|secret|api_key|access_key|auth_token|token)$")
+
+
+def mask_text(text: str) -> str:
+    """`text` with credentials inside URIs (user:password@, ?token=...) replaced by `***`."""
+    return URI_QUERY_SECRET_RE.sub(r"\1***", URI_PASSWORD_RE.sub(r"\1***@", text))
+
+
+def _is_secret_key(key: str) -> bool:
+    return bool(SECRET_RE.search(key.lower()))
+
+
+def redact_secrets(value: Any, key: str = "") -> Any:
+    """A JSON-like value with secret leaves and URI credentials masked (see `flatten`)."""
+    if isinstance(value, dict):
+        return {k: redact_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v, key) for v in value]
+    if _is_secret_key(key) and value not in (None, ""):
+        return "***"
+    return mask_text(value) if isinstance(value, str) else value
 
 
 def flatten(cfg: Config) -> dict[str, str]:
@@ -644,7 +718,7 @@ def flatten(cfg: Config) -> dict[str, str]:
             leaf = prefix.rsplit(".", 1)[-1].lower()
             secret = bool(SECRET_RE.search(leaf)) and value not in (None, "")
             # Credentials inside URIs (postgresql://user:pw@host) are masked too.
-            out[prefix] = "***" if secret else URI_PASSWORD_RE.sub(r"\1***@", str(value))
+            out[prefix] = "***" if secret else mask_text(str(value))
 
     walk("", cfg.model_dump(mode="json"))
     return out

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from launcher.config import Config
+from launcher.config import Config, mask_text
 from launcher.tracking import Tracker
 
 
@@ -64,7 +64,7 @@ def run_pipeline(
         print_table(result["eval"])
     log(f"== done in {time.perf_counter() - t0:.0f}s. Outputs: {cfg.experiment.output_dir}")
     if cfg.tracking.enabled:
-        uri = cfg.tracking.tracking_uri
+        uri = mask_text(cfg.tracking.tracking_uri)
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
         log(
             f"   MLflow: experiment '{cfg.tracking.experiment_name}' at {uri}\n"
@@ -73,22 +73,36 @@ def run_pipeline(
     return result
 
 
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of every Ray worker: quiet libraries, no hub, and DeepSpeed told up front that
+    a CPU run is a CPU run instead of probing for accelerators."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        # Ray Train's print patch tees every worker print into a logger as well: lines came twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 def ensure_ray(cfg: Config) -> None:
-    """Join `cluster.address`, or start a local Ray bound to loopback with no dashboard."""
+    """Join `cluster.address`, or start a local Ray with no dashboard.
+
+    Ray 2.60 has no loopback-only mode (it swaps 127.0.0.1 for the host IP and its gRPC servers
+    listen on all interfaces): its token authentication and the host firewall guard the ports.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    # Set before Ray starts so every worker inherits them: quiet libraries, and DeepSpeed told
-    # up front that a CPU run is a CPU run instead of probing for accelerators.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    # Ray Train's print patch tees every worker print into a logger as well: lines came twice.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not cfg.train.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Set before Ray starts so every local worker inherits them (`ift submit` ships the same
+    # through the job's runtime_env, for workers on other nodes).
+    for key, value in worker_env(cfg.train.use_gpu).items():
+        os.environ.setdefault(key, value)
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
         return
@@ -106,19 +120,23 @@ def ensure_ray(cfg: Config) -> None:
 
 
 def print_table(evals: dict[str, dict[str, float]]) -> None:
-    """metric | base | fine-tuned | delta, for every task metric either model reported."""
+    """metric | base | [base k-shot |] fine-tuned | delta (fine-tuned - base), for every task
+    metric any model reported."""
+    from eval.report import ROLE_TITLES, table_roles
+
     names = sorted({k for m in evals.values() for k in m if not k.startswith("eval/")})
+    roles = table_roles(evals)
     base, ft = evals.get("base", {}), evals.get("finetuned", {})
 
     def fmt(v: float | None) -> str:
         return f"{v:.2f}" if v is not None else "-"
 
-    rows = [("metric", "base", "fine-tuned", "delta")]
+    rows = [("metric", *(ROLE_TITLES[r] for r in roles), "delta")]
     for n in names:
         b, f = base.get(n), ft.get(n)
         delta = f"{f - b:+.2f}" if b is not None and f is not None else "-"
-        rows.append((n, fmt(b), fmt(f), delta))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((n, *(fmt(evals.get(r, {}).get(n)) for r in roles), delta))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         " | ".join(
             c.ljust(w) if i == 0 else c.rjust(w)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from launcher.config import ConfigError, apply_overrides, load_config
+from launcher.pipeline import worker_env
 
 EXCLUDES = [
     ".venv",
@@ -58,7 +59,7 @@ def submit(
 
     Returns the process exit code: 0 when the job SUCCEEDED (or was submitted with no wait).
     """
-    load_config(config, overrides)  # every problem, before anything leaves this machine
+    cfg = load_config(config, overrides)  # every problem, before anything leaves this machine
     check_shared_storage(config, overrides)
     cwd = Path.cwd()
     cfg_path = Path(config).resolve()
@@ -74,7 +75,11 @@ def submit(
     runtime_env: dict[str, Any] = {
         "working_dir": str(cwd),
         "excludes": EXCLUDES,
-        "env_vars": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+        # Job-level env reaches the job's workers on every node, not only the driver's.
+        "env_vars": {
+            **worker_env(cfg.train.use_gpu),
+            **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+        },
     }
     root = Path(__file__).resolve().parents[1]
     if not (cwd / "launcher").is_dir():  # ift's code is not in the working_dir: ship it
@@ -100,20 +105,26 @@ def submit(
 
 
 def jobs(action: str, job_id: str | None, address: str, token_file: str | None = None) -> int:
+    """`ift jobs list|logs|stop`: returns the exit code (stop: 0 once the job is STOPPED or had
+    already ended, 1 when it is still running after the wait)."""
     client = _client(address, token_file)
     if action == "list":
-        for j in client.list_jobs():
-            print(f"{j.submission_id}\t{j.status}\t{j.entrypoint}")
+        for j in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{j.submission_id}\t{_status(j.status)}\t{j.entrypoint}")
         return 0
     if not job_id:
         raise SubmitError(f"ift jobs {action}: give a job id (see `ift jobs list`)")
-    if action == "logs":
-        print(client.get_job_logs(job_id), end="")
-        return 0
-    if action == "stop":
-        client.stop_job(job_id)
-        print(f"job {job_id}: {_wait_terminal(client, job_id, timeout=120)}")
-        return 0
+    try:
+        if action == "logs":
+            print(client.get_job_logs(job_id), end="")
+            return 0
+        if action == "stop":
+            client.stop_job(job_id)  # False when the job had already ended: not an error
+            status = _wait_terminal(client, job_id, timeout=120)
+            print(f"job {job_id}: {status}", flush=True)
+            return 0 if status in TERMINAL else 1
+    except RuntimeError as e:  # an unknown job id answers 404
+        raise SubmitError(f"job {job_id} at {address}: {e}") from None
     raise SubmitError(f"unknown action {action!r}: use list, logs or stop")
 
 
@@ -122,12 +133,16 @@ def check_shared_storage(config: str, overrides: list[str]) -> None:
     store must live on storage that outlives it and that every node sees."""
     raw = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
     problems = []
-    out = (raw.get("experiment") or {}).get("output_dir", "runs/ift")
-    if "://" not in out and not os.path.isabs(out):
-        problems.append(
-            f"experiment.output_dir: {out!r} is relative; with `ift submit` it must "
-            "be shared storage: an absolute path every node mounts, or s3://..."
-        )
+    outputs = {
+        "experiment.output_dir": (raw.get("experiment") or {}).get("output_dir", "runs/ift"),
+        "data.output_dir": (raw.get("data") or {}).get("output_dir"),
+    }
+    for key, out in outputs.items():
+        if out is not None and "://" not in out and not os.path.isabs(out):
+            problems.append(
+                f"{key}: {out!r} is relative; with `ift submit` it must "
+                "be shared storage: an absolute path every node mounts, or s3://..."
+            )
     uri = (raw.get("tracking") or {}).get("tracking_uri", "sqlite:///mlflow.db")
     enabled = (raw.get("tracking") or {}).get("enabled", True)
     if enabled and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -144,29 +159,47 @@ def check_shared_storage(config: str, overrides: list[str]) -> None:
 
 def auth_headers(token_file: str | None = None) -> dict[str, str]:
     """Bearer header for Ray's token authentication, when a token can be found."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(token_file).expanduser() if token_file else Path.home() / ".ray" / "auth_token"
-    if not token and path.is_file():
-        token = path.read_text().strip()
-    if token_file and not token:
-        raise SubmitError(f"--token-file {token_file}: no token found there")
+    token, _ = find_token(token_file)
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def find_token(token_file: str | None = None) -> tuple[str | None, str]:
+    """The Ray auth token and where it came from: `--token-file` when given (an explicit flag
+    wins over the environment), else `RAY_AUTH_TOKEN`, else `~/.ray/auth_token`."""
+    if token_file:
+        path = Path(token_file).expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+        if not token:
+            raise SubmitError(f"--token-file {token_file}: no token found there")
+        return token, f"--token-file {token_file}"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file() and default.read_text().strip():
+        return default.read_text().strip(), str(default)
+    return None, ""
 
 
 def _client(address: str, token_file: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    headers = auth_headers(token_file)
+    token, source = find_token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         return JobSubmissionClient(address, headers=headers)
-    except Exception as e:  # connection refused, 401, ...
-        hint = (
-            ""
-            if headers
-            else " No Ray auth token was found (RAY_AUTH_TOKEN, --token-file, "
-            "~/.ray/auth_token): a cluster with token authentication refuses the request."
-        )
-        raise SubmitError(f"cannot reach the Ray job server at {address}: {e}.{hint}") from None
+    except Exception as e:  # connection refused, 401 (no token), 403 (wrong token), ...
+        if type(e).__name__ == "AuthenticationError":  # ray.exceptions, a multi-page text
+            first = str(e).strip().splitlines()[0]
+            hint = (
+                f"the token from {source} was refused"
+                if token
+                else "no Ray auth token was found (RAY_AUTH_TOKEN, --token-file, "
+                "~/.ray/auth_token) and the cluster requires one"
+            )
+            raise SubmitError(
+                f"the Ray job server at {address} refused the request: {hint} ({first})"
+            ) from None
+        raise SubmitError(f"cannot reach the Ray job server at {address}: {e}") from None
 
 
 def _submit_with_retry(
@@ -190,8 +223,13 @@ async def _follow(client: Any, job_id: str) -> None:
 
 def _wait_terminal(client: Any, job_id: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
-    status = str(client.get_job_status(job_id))
-    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
+    status = _status(client.get_job_status(job_id))
+    while status not in TERMINAL and time.monotonic() < deadline:
         time.sleep(1)
-        status = str(client.get_job_status(job_id))
-    return status.split(".")[-1]
+        status = _status(client.get_job_status(job_id))
+    return status
+
+
+def _status(status: Any) -> str:
+    """`JobStatus.SUCCEEDED` (a str enum; its str() varies by Python version) -> `SUCCEEDED`."""
+    return str(getattr(status, "value", status)).split(".")[-1]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import launcher
-from launcher.config import Config, ConfigError, flatten, to_yaml
+from launcher.config import Config, ConfigError, flatten, mask_text, redact_secrets, to_yaml
 
 
 class Tracker:
@@ -37,10 +37,11 @@ class Tracker:
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             if self.cfg.tracking.required:
                 raise ConfigError(
-                    f"tracking.tracking_uri: MLflow server {uri} is unreachable ({e}); start it, "
+                    f"tracking.tracking_uri: MLflow server {mask_text(uri)} is unreachable ({e}); "
+                    "start it, "
                     "fix the URI, or set tracking.required=false to run without it"
                 ) from None
-            print(f"[mlflow] {uri} unreachable; continuing without tracking", flush=True)
+            print(f"[mlflow] {mask_text(uri)} unreachable; continuing without tracking", flush=True)
             self.enabled = False
 
     @contextlib.contextmanager
@@ -174,7 +175,9 @@ class Tracker:
 
         ds = os.path.join(cfg.experiment.output_dir, "deepspeed_config.json")
         if os.path.exists(ds):
-            mlflow.log_artifact(ds)
+            # The user's ds_config is merged in verbatim: monitor api keys must not leak.
+            with open(ds) as f:
+                mlflow.log_dict(redact_secrets(json.load(f)), "deepspeed_config.json")
         final = {
             k: float(v)
             for k, v in summary.items()

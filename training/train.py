@@ -36,6 +36,7 @@ from training.mlflow_logger import MetricLogger
 
 TRAIN_STATE = "ift_train.json"
 CKPT_TAG = "ds"
+UPLOAD_DELAY_ENV = "IFT_TEST_CHECKPOINT_UPLOAD_DELAY_S"
 # Train settings that do not change the result: a rerun that only changes these still resumes.
 RUNTIME_ONLY = (
     "stop_after_steps",
@@ -159,7 +160,9 @@ def train_worker(config: dict[str, Any]) -> None:
         ),
         dist_init_required=False,
     )
+    share_zero3_fp32_master(engine)
     start = 0
+    last: dict[str, float] = {}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -171,6 +174,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 "or delete them"
             )
         start = int(state["step"])
+        last = dict(state.get("metrics", {}))
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
             print(f"[train] resumed from step {start}", flush=True)
@@ -184,13 +188,11 @@ def train_worker(config: dict[str, Any]) -> None:
     logger = MetricLogger(**(config["tracking"] or {"tracking_uri": None, "run_id": None}))
     gb, micro, accum = t.global_batch(), t.micro_batch_size, t.accumulation()
     n = len(train_split)
-    last: dict[str, float] = {}
-    t_start = time.perf_counter()
+    t_start = t_prev = time.perf_counter()
     tokens_seen = 0
     engine.train()
     step = start
     for step in range(start, total):
-        t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         loss_value, step_tokens = optimizer_step(
             engine,
@@ -204,7 +206,10 @@ def train_worker(config: dict[str, Any]) -> None:
             world=world,
             pad_id=pad_id,
         )
-        dt = time.perf_counter() - t0
+        # Throughput of the whole loop (the period since the previous step ended), so the time
+        # spent logging, validating and checkpointing counts against it too.
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
         tokens_seen += step_tokens
         grad_norm = engine.get_global_grad_norm()
         last = {
@@ -299,6 +304,34 @@ def optimizer_step(
     return float(totals[0]) / max(loss_tokens, 1), int(totals[1])
 
 
+def share_zero3_fp32_master(engine: Any) -> int:
+    """Drop ZeRO-3's second fp32 copy of this rank's parameter partition; returns bytes freed.
+
+    With fp32 parameters and no optimizer offload, DeepSpeed (0.19) means the fp32 master
+    partition to *be* the parameter partition, but its check compares a `torch.device` with a
+    device-name string, which is never equal, so it clones it: 4 bytes x parameters / world
+    extra per rank. Sharing the storage is what its own aliasing branch does (the master and
+    the partition hold the same values until the first step, which then writes both).
+    """
+    opt = engine.optimizer
+    low = getattr(opt, "fp16_partitioned_groups_flat", None)
+    high = getattr(opt, "fp32_partitioned_groups_flat", None)
+    if not low or not high or getattr(opt, "offload_optimizer", False):
+        return 0
+    freed = 0
+    for lo, hi in zip(low, high, strict=True):
+        if (
+            lo is not None
+            and lo.dtype == hi.dtype
+            and lo.device == hi.device
+            and lo.shape == hi.shape
+            and lo.data_ptr() != hi.data_ptr()
+        ):
+            hi.data = lo.data  # same Python object: the optimizer's param groups follow
+            freed += hi.numel() * hi.element_size()
+    return freed
+
+
 def model_flops_per_token(model_config: Any, seq_len: int) -> float:
     """Training FLOPs per token of a decoder-only transformer: 6 x parameters in matmuls plus
     the attention score/value matmuls, 12 x layers x hidden x seq (the PaLM MFU formula)."""
@@ -333,8 +366,7 @@ def peak_flops(precision: str) -> float | None:
 
 
 def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
         cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
@@ -346,32 +378,44 @@ def _load_model(cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, Any]:
         from transformers.integrations import HfDeepSpeedConfig
 
         dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = _base_model(cfg)
+    model.config.use_cache = False
+    if cfg.train.lora is not None:
+        from peft import get_peft_model
+
+        # Under ZeRO-3 the adapter layers are created outside zero.Init (unpartitioned);
+        # deepspeed.initialize partitions them with the rest.
+        model = get_peft_model(model, _lora_config(cfg))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    del dschf
+    return tok, model
+
+
+def _base_model(cfg: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model: Any = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path,
         dtype=dtype[cfg.model.dtype],
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    model.config.use_cache = False
-    if cfg.train.lora is not None:
-        from peft import LoraConfig, get_peft_model
 
-        lora = cfg.train.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    del dschf
-    return tok, model
+
+def _lora_config(cfg: Any) -> Any:
+    from peft import LoraConfig
+
+    lora = cfg.train.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _validate(
@@ -418,13 +462,40 @@ def _checkpoint(
         engine.save_checkpoint(
             tmp,
             tag=CKPT_TAG,
-            client_state={"step": step, "run_hash": run_hash, "torch_rng": torch.get_rng_state()},
+            client_state={
+                "step": step,
+                "run_hash": run_hash,
+                "torch_rng": torch.get_rng_state(),
+                "metrics": metrics,  # so a run resumed at the last step still reports its loss
+            },
         )
+        # Ray registers the checkpoint only once every rank has uploaded its files, so a run
+        # killed mid-upload leaves a partial `step_*` folder that resuming never picks up.
+        delay = float(os.environ.get(UPLOAD_DELAY_ENV, "0"))
         ray.train.report(
             {**metrics, "step": step},
             checkpoint=Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"step_{step:07d}",
+            checkpoint_upload_fn=(lambda c, name: _slow_upload(c, name, delay)) if delay else None,
         )
+
+
+def _slow_upload(checkpoint: Any, dir_name: str, delay: float) -> Any:
+    """Test hook (`IFT_TEST_CHECKPOINT_UPLOAD_DELAY_S`, local storage only): upload file by file
+    with a pause before each, so a fault test can kill the run while a checkpoint is half
+    written. The real path is Ray's own upload."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    dest = os.path.join(ray.train.get_context().get_storage().experiment_fs_path, dir_name)
+    for root, _, files in os.walk(checkpoint.path):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            target = os.path.join(dest, os.path.relpath(src, checkpoint.path))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            time.sleep(delay)
+            shutil.copyfile(src, target)
+    return Checkpoint(dest)
 
 
 def _save_final_model(
@@ -440,12 +511,11 @@ def _save_final_model(
     final = cfg.model_dir
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
     module = engine.module
     if cfg.train.lora is not None:
-        module.save_pretrained(os.path.join(tmp, "adapter"))  # the adapter alone (peft format)
-        module = module.merge_and_unload()
+        module = _merge_lora(cfg, state, os.path.join(tmp, "adapter"))
         state = module.state_dict()
-    state = {k: v.detach().cpu().clone() for k, v in state.items()}
     module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
@@ -453,6 +523,24 @@ def _save_final_model(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     print(f"[train] model saved to {final}", flush=True)
+
+
+def _merge_lora(cfg: Any, state: dict[str, Any], adapter_dir: str) -> Any:
+    """Saves the adapter alone (peft format) to `adapter_dir` and returns the merged model.
+
+    Works from the consolidated state dict on a fresh, unpartitioned copy of the model: under
+    ZeRO-3 the engine's own parameters are shards, which neither peft's save nor its merge can
+    read.
+    """
+    from peft import get_peft_model
+
+    model = get_peft_model(_base_model(cfg), _lora_config(cfg))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights may be stored once; every adapter weight must be there.
+    if unexpected or any("lora_" in k for k in missing):
+        raise TrainError(f"LoRA state does not fit the model: {missing=} {unexpected=}")
+    model.save_pretrained(adapter_dir)
+    return model.merge_and_unload()
 
 
 def train_hash(cfg: Any, manifest: dict[str, Any]) -> str:

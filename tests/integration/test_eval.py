@@ -205,3 +205,159 @@ def test_report_bootstrap_and_mlflow_logging(prepared, tmp_path: Path) -> None:
     assert "predictions_table.json" in {a.path for a in client.list_artifacts(child_id)}
     table = mlflow.load_table("predictions_table.json", run_ids=[child_id])
     assert sorted(table["id"]) == sorted(r["id"] for r in records(out))
+
+
+# --- k-shot base (role base_fewshot) ----------------------------------------------------------
+
+
+def exemplar_pools(cfg: Config) -> dict[str, list[dict[str, str]]]:
+    """The exemplar files prepare wrote, read here without eval's code."""
+    pools = {}
+    for path in sorted((Path(cfg.data_dir) / "exemplars").glob("*.jsonl")):
+        pools[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return pools
+
+
+def split_exemplars(prompt: str, record_prompt: str, pool: list[dict[str, str]]) -> list[dict]:
+    """The exemplars in front of `record_prompt` in a k-shot prompt, in order; fails on any text
+    that is not a whole exemplar block."""
+    assert prompt.endswith(record_prompt)
+    head = prompt[: len(prompt) - len(record_prompt)]
+    found = []
+    while head:
+        match = [e for e in pool if head.startswith(e["prompt"] + e["completion"] + "\n\n")]
+        assert match, f"not an exemplar block: {head[:80]!r}"
+        found.append(match[0])
+        head = head[len(match[0]["prompt"] + match[0]["completion"]) + 2 :]
+    return found
+
+
+@pytest.fixture(scope="module")
+def fewshot_run(prepared, greedy, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_eval(
+        prepared,
+        tmp_path_factory.mktemp("fewshot"),
+        role="base_fewshot",
+        few_shot=2,
+        max_prompt_len=400,
+        models=["base", "base_fewshot"],
+    )
+
+
+def test_fewshot_prompts_hold_exemplars_of_the_task(prepared, greedy, fewshot_run) -> None:
+    cfg, manifest = prepared
+    pools = exemplar_pools(cfg)
+    assert set(pools) == {"sst2", "wmt"} and all(len(p) >= 2 for p in pools.values())
+    zero_shot = {r["id"]: r for r in records(greedy)}
+    rows = records(fewshot_run)
+    # Every test record predicted exactly once, with the zero-shot prompt at the end.
+    assert sorted(r["id"] for r in rows) == sorted(zero_shot)
+    assert len(rows) == manifest["splits"]["test"]["rows"]
+    kept = []
+    for r in rows:
+        shots = split_exemplars(r["prompt"], zero_shot[r["id"]]["prompt"], pools[r["task"]])
+        assert len(shots) <= 2
+        # Never the test record itself, neither its prompt nor its prompt + answer.
+        assert all(e["prompt"] != zero_shot[r["id"]]["prompt"] for e in shots)
+        kept.append(len(shots))
+    # Short sst2 prompts keep both exemplars; exemplars are dropped only for length.
+    assert all(n == 2 for n, r in zip(kept, rows, strict=True) if r["task"] == "sst2")
+    assert sum(kept) > len(rows)
+    # The exemplars reached the model: some predictions change against zero-shot.
+    changed = sum(r["prediction"] != zero_shot[r["id"]]["prediction"] for r in rows)
+    assert changed > 0
+    data = json.loads(Path(fewshot_run["metrics_path"]).read_text())
+    assert data["role"] == "base_fewshot" and data["few_shot"] == 2
+
+
+def test_fewshot_rerun_is_identical_and_reported(prepared, fewshot_run, tmp_path: Path) -> None:
+    again = run_eval(
+        prepared,
+        tmp_path,
+        role="base_fewshot",
+        few_shot=2,
+        max_prompt_len=400,
+        num_workers=2,
+        models=["base", "base_fewshot"],
+    )
+    assert records(again) == records(fewshot_run)  # prompts and predictions, two actors
+    # The zero-shot base under the same settings: the report now has both base columns.
+    base = run_eval(prepared, tmp_path, role="base", few_shot=2, max_prompt_len=400)
+    text = Path(base["report"]).read_text()
+    assert "| metric | base | base k-shot | fine-tuned | delta |" in text
+
+
+def test_fewshot_cache_key_covers_k_and_the_exemplars(prepared, fewshot_run) -> None:
+    from eval.evaluate import _eval_hash
+
+    cfg, manifest = prepared
+    cfg = cfg.model_copy(deep=True)
+    pools = exemplar_pools(cfg)
+    key = _eval_hash(cfg, manifest, str(MODEL), pools)
+    cfg.eval.few_shot = 3
+    assert _eval_hash(cfg, manifest, str(MODEL), pools) != key
+    cfg.eval.few_shot = 2
+    other = {t: list(reversed(p)) for t, p in pools.items()}
+    assert _eval_hash(cfg, manifest, str(MODEL), other) != key
+    # Zero-shot base does not depend on either.
+    assert _eval_hash(cfg, manifest, str(MODEL)) == _eval_hash(
+        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"few_shot": 5})}),
+        manifest,
+        str(MODEL),
+    )
+
+
+# --- fine-tuned model from the MLflow Model Registry ------------------------------------------
+
+
+def test_finetuned_model_from_an_mlflow_uri(prepared, tmp_path: Path) -> None:
+    import mlflow
+    import transformers
+
+    from eval.evaluate import EvalError, model_path_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Logged and registered the way launcher/tracking.py does it after training.
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("uri-test")
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=exp) as run:
+        pipe = transformers.pipeline("text-generation", model=str(MODEL))
+        info = mlflow.transformers.log_model(
+            transformers_model=pipe, name="model", pip_requirements=["transformers"]
+        )
+    version = mlflow.register_model(info.model_uri, "stories")
+    client.set_registered_model_alias("stories", "candidate", version.version)
+
+    def finetuned(out: Path, model: str) -> dict[str, Any]:
+        cfg, manifest = prepared
+        cfg = cfg.model_copy(deep=True)
+        cfg.experiment.output_dir = str(out)
+        cfg.tracking.tracking_uri = uri
+        cfg.eval.finetuned_model = model
+        lines: list[str] = []
+        result = evaluate(cfg, manifest, "finetuned", log=lines.append)
+        return {**result, "cfg": cfg, "log": lines}
+
+    folder = finetuned(tmp_path / "folder", str(MODEL))
+    by_alias = finetuned(tmp_path / "alias", "models:/stories@candidate")
+    by_run = finetuned(tmp_path / "run", f"runs:/{run.info.run_id}/model")
+    assert predictions(by_alias) == predictions(folder)
+    assert predictions(by_run) == predictions(folder)
+    assert json.loads(Path(by_alias["metrics_path"]).read_text())["model"].startswith(
+        "models:/stories@candidate ("
+    )
+    # Downloaded once, atomically: one complete cache entry, found again without a download.
+    cache = tmp_path / "alias" / "eval" / "mlflow-models"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
+        p.name for p in cache.iterdir()
+    ]
+    assert len(list(cache.iterdir())) == 1
+    assert sum("downloading" in line for line in by_alias["log"]) == 1
+    again: list[str] = []
+    path = model_path_for(by_alias["cfg"], "finetuned", log=again.append)
+    assert path.startswith(str(cache)) and again == []
+
+    for bad in ("models:/stories@no-such-alias", "models:/missing/1", "models:/stories"):
+        with pytest.raises(EvalError, match="eval.finetuned_model"):
+            finetuned(tmp_path / "bad", bad)

@@ -1,6 +1,6 @@
 """MLflow lineage against a real tracking server: PostgreSQL (started here as the `postgres`
 user on a loopback port) as the backend store, `mlflow server` with an artifacts destination,
-and a real `ray start --head` cluster for `ift submit`. Nothing is mocked.
+and the session's real two-node Ray cluster (conftest.py) for `ift submit`. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.conftest import RayCluster, free_port
 from tests.integration.test_cli_pipeline import tiny_config
-from tests.integration.test_submit import free_port, ift, ray_head  # noqa: F401 (fixture)
+from tests.integration.test_submit import ift
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
@@ -128,17 +129,18 @@ def config_file(tmp_path: Path, server: MlflowServer, **train: object) -> Path:
 
 
 def test_submitted_pipeline_is_tracked_on_the_server(
-    ray_head: str,  # noqa: F811
+    ray_cluster: RayCluster,
     mlflow_server: MlflowServer,
     tmp_path: Path,
 ) -> None:
     import mlflow
 
     cfg = config_file(tmp_path, mlflow_server, max_steps=3, eval_every=0, checkpoint_every=0)
-    proc = ift(["submit", cfg.name, "--address", ray_head], cwd=cfg.parent)
+    proc = ift(["submit", cfg.name, "--address", ray_cluster.address], cwd=cfg.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
     exp = client.get_experiment_by_name("tiny")
+    assert exp is not None
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     parent = runs["tiny-run"]
     for stage in ("prepare", "train", "eval-finetuned"):
@@ -156,6 +158,7 @@ def test_submitted_pipeline_is_tracked_on_the_server(
     assert version.run_id == runs["train"].info.run_id
 
 
+@pytest.mark.slow  # fault injection: `make test-reliability`
 def test_server_restart_during_training_loses_no_metric(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -179,6 +182,9 @@ def test_server_restart_during_training_loses_no_metric(
         while time.time() < deadline:
             try:
                 exp = client.get_experiment_by_name("tiny")
+                if exp is None:  # the pipeline has not created it yet
+                    time.sleep(0.5)
+                    continue
                 runs = client.search_runs(
                     [exp.experiment_id],
                     "attributes.run_name = 'train'",
@@ -205,6 +211,7 @@ def test_server_restart_during_training_loses_no_metric(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert restarted, "the server was never restarted: the test exercised nothing"
     exp = client.get_experiment_by_name("tiny")
+    assert exp is not None
     train_run = client.search_runs(
         [exp.experiment_id],
         "attributes.run_name = 'train'",

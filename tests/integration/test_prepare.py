@@ -166,6 +166,69 @@ def test_same_fingerprint_with_1_and_2_workers(two_workers, one_worker) -> None:
         assert a.equals(b), name
 
 
+def _exemplars(data_dir: Path, manifest: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    out = {}
+    for task, entry in manifest["exemplars"].items():
+        lines = (data_dir / entry["file"]).read_text().splitlines()
+        out[task] = [json.loads(line) for line in lines]
+        assert len(out[task]) == entry["rows"]
+    return out
+
+
+def test_exemplars_same_with_1_and_2_workers_lowest_hashes_of_train(
+    two_workers, one_worker
+) -> None:
+    from transformers import AutoTokenizer
+
+    from data_pipeline import split, templates
+    from data_pipeline.sources import Reject, parse_bytes
+
+    (cfg2, m2, _), (cfg1, m1) = two_workers, one_worker
+    k = cfg2.data.exemplars
+    assert k == 8  # the default
+    ex2, ex1 = _exemplars(Path(cfg2.data_dir), m2), _exemplars(Path(cfg1.data_dir), m1)
+    assert ex1 == ex2 and m1["exemplars"] == m2["exemplars"]
+    tasks = {s.task_name for s in cfg2.data.sources}
+    assert set(ex2) == tasks
+    for task in tasks:  # the pinned test source has no train rows: an empty file
+        assert len(ex2[task]) == min(k, m2["splits"]["train"]["per_task"][task]), task
+    assert ex2["sst2_pinned"] == [] and len(ex2["sst2"]) == k == len(ex2["wmt"])
+    # Every exemplar is a kept train example (same tokens), never a held-out prompt.
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    data_dir = Path(cfg2.data_dir)
+    by_split = {name: examples(read_split(data_dir, m2, name)) for name in m2["splits"]}
+    train = {tuple(ids) for ids, _ in by_split["train"]}
+    held_out = {prompt_tokens(e) for name in ("validation", "test") for e in by_split[name]}
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]  # type: ignore[no-any-return]
+
+    for task in ("sst2", "wmt"):
+        for e in ex2[task]:
+            p, c = ids(e["prompt"]), ids(e["completion"])
+            assert (bos, *p, *c, eos) in train, (task, e)
+            assert (bos, *p) not in held_out, (task, e)
+    # They are the lowest content hashes among all train examples of the task: render every
+    # input record independently, keep those whose tokens are in the train split.
+    for i, task in ((0, "sst2"), (2, "wmt")):
+        src = cfg2.data.sources[i]
+        render = templates.renderer(src.template, src.params)
+        candidates = set()
+        for path in sorted(Path(src.path).parent.glob(Path(src.path).name)):
+            fmt = prep.detect_format(str(path))
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            for _, rec in parse_bytes(raw, str(path), fmt):
+                if isinstance(rec, Reject):
+                    continue
+                ((prompt, completion),) = render(rec)
+                p, c = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, completion))
+                if (tok.bos_token_id, *p, *c, tok.eos_token_id) in train:
+                    candidates.add((split.keys([(prompt, completion)])[1], prompt, completion))
+        expected = [{"prompt": p, "completion": c} for _, p, c in sorted(candidates)[:k]]
+        assert ex2[task] == expected, task
+
+
 def test_rerun_reuses_in_seconds(two_workers) -> None:
     cfg, first, first_s = two_workers
     messages: list[str] = []
@@ -253,9 +316,12 @@ def test_masked_labels_exact_on_real_sample(two_workers) -> None:
 def test_packed_equals_unpacked_as_token_multisets(two_workers, work: Path) -> None:
     cfg, packed_m, _ = two_workers
     inputs = Path(cfg.data.sources[0].path).parents[1]
-    plain_cfg = main_config(inputs, work / "plain", packing=False)
+    plain_cfg = main_config(inputs, work / "plain", packing=False, exemplars=0)
     plain_m = prep.prepare(plain_cfg, log=_quiet)
     assert plain_m["reused"] is False
+    # exemplars: 0 keeps none (and changes no shard).
+    assert plain_m["exemplars"] == {}
+    assert not (Path(plain_cfg.data_dir) / "exemplars").exists()
     assert plain_m["config_hash"] != packed_m["config_hash"]  # a setting changed: recompute
     for name in ("train", "validation"):
         packed = read_split(Path(cfg.data_dir), packed_m, name)

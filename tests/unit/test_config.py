@@ -437,3 +437,26 @@ def test_cli_config_error_starts_no_ray() -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "data.no_such_key" in proc.stderr
+
+
+# --- k-shot roles -------------------------------------------------------------------------------
+
+
+def test_fewshot_role_needs_exemplar_count() -> None:
+    assert "eval.models" in problems_of(valid_raw(eval={"models": ["base", "base_fewshot"]}))
+
+
+def test_exemplar_count_needs_fewshot_role() -> None:
+    assert "eval.few_shot" in problems_of(valid_raw(eval={"few_shot": 2}))
+
+
+def test_fewshot_cannot_exceed_kept_exemplars() -> None:
+    text = problems_of(
+        valid_raw(eval={"models": ["base_fewshot"], "few_shot": 4}, data={"exemplars": 2})
+    )
+    assert "eval.few_shot" in text and "data.exemplars=2" in text
+
+
+def test_fewshot_role_loads() -> None:
+    cfg = from_dict(valid_raw(eval={"models": ["base", "base_fewshot"], "few_shot": 3}))
+    assert cfg.eval.few_shot == 3 and cfg.data.exemplars >= 3

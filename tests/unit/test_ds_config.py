@@ -242,3 +242,41 @@ def test_model_flops_per_token_matches_hand_count() -> None:
     # per layer: q,o 64x64 each; k,v 64x32 each; mlp 3x64x172; head 64x512
     matmul = 5 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172) + 64 * 512
     assert model_flops_per_token(c, 256) == 6 * matmul + 12 * 5 * 64 * 256
+
+
+# --- train-related cross checks (launcher.config.cross_check) ---------------------------------
+
+
+def _cfg(model: dict | None = None, **train: object):  # type: ignore[no-untyped-def]
+    from launcher.config import from_dict
+
+    root = "tests/assets"
+    return from_dict(
+        {
+            "model": {"name_or_path": f"{root}/models/stories260K", **(model or {})},
+            "data": {"sources": [{"path": f"{root}/data/sst2/train.tsv", "template": "sst2"}]},
+            "train": {"micro_batch_size": 2, "grad_accum": 1, "num_workers": 2, **train},
+            "tracking": {"enabled": False},
+        }
+    )
+
+
+@pytest.fixture
+def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.usefixtures("_in_repo_root")
+def test_lora_is_accepted_under_zero3() -> None:
+    cfg = _cfg(zero_stage=3, lora={"r": 4})
+    assert cfg.train.lora is not None and cfg.train.zero_stage == 3
+
+
+@pytest.mark.usefixtures("_in_repo_root")
+def test_flash_attention_without_gpu_is_a_config_error_naming_the_key() -> None:
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: flash_attention_2 needs"):
+        _cfg(model={"attn_implementation": "flash_attention_2"})

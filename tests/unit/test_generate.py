@@ -1,4 +1,5 @@
-"""Tests for eval.generate (batching, stop strings, padded generation) and the result table."""
+"""Tests for eval.generate (batching, stop strings, padded generation), eval.fewshot (k-shot
+prompts) and the result table."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.generate import cut_at_stop, generate, plan_batches
+from eval import fewshot
+from eval.generate import cut_at_stop, generate, generate_counted, plan_batches
 from launcher.pipeline import print_table
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stories260K"
@@ -107,6 +109,80 @@ def test_generate_cuts_at_stop(model, tok) -> None:
     assert cut == full[: full.index(word)].strip()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stopping_inside_generation_equals_the_post_hoc_cut(model, tok, temperature) -> None:
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    args = {"max_new_tokens": 48, "stop": [".", "!"], "temperature": temperature, "seed": 3}
+    early, n_early = generate_counted(model, tok, prompts, **args)
+    late, n_late = generate_counted(model, tok, prompts, stop_early=False, **args)
+    assert early == late
+    # Without early stopping every row runs to the limit (this model rarely emits EOS), with it
+    # each row stops at its first sentence end: strictly fewer tokens, never more per row.
+    assert all(a <= b for a, b in zip(n_early, n_late, strict=True))
+    assert sum(n_early) < sum(n_late)
+    assert all(text and "." not in text and "!" not in text for text in early)
+
+
+def test_generated_token_counts_are_exact(model, tok) -> None:
+    prompt = tok(PROMPTS[0]).input_ids
+    _, counts = generate_counted(model, tok, [prompt], max_new_tokens=7, stop_early=False)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)
+    assert counts == [out.shape[1] - len(prompt)]
+
+
+# --- fewshot ----------------------------------------------------------------------------------
+
+POOL = [{"prompt": f"Q{i}:", "completion": f" a{i}"} for i in range(5)]
+
+
+def test_pick_exemplars_is_deterministic_rotated_and_never_the_record() -> None:
+    picks = {rid: fewshot.pick_exemplars(POOL, rid, "Q?", 3) for rid in ("r1", "r2", "r3", "r4")}
+    assert picks == {rid: fewshot.pick_exemplars(POOL, rid, "Q?", 3) for rid in picks}
+    for got in picks.values():  # k consecutive pool entries, wrapping around
+        start = POOL.index(got[0])
+        assert got == [POOL[(start + j) % len(POOL)] for j in range(3)]
+    assert len({POOL.index(p[0]) for p in picks.values()}) > 1  # records differ in their start
+    own = fewshot.pick_exemplars(POOL, "r1", "Q2:", 5)  # the test record is Q2 itself
+    assert len(own) == 4 and all(e["prompt"] != "Q2:" for e in own)
+    assert fewshot.pick_exemplars([], "r1", "Q", 2) == []
+
+
+def test_fewshot_ids_drop_exemplars_before_cutting_the_prompt() -> None:
+    blocks = [[10, 11, 12], [20, 21], [30]]
+    prompt = [1, 7, 8, 9]  # BOS 1, then the test prompt
+    assert fewshot.fewshot_ids(blocks, prompt, 1, 100) == ([1, 10, 11, 12, 20, 21, 30, 7, 8, 9], 3)
+    # The farthest exemplar goes first: it no longer fits in 9 tokens.
+    assert fewshot.fewshot_ids(blocks, prompt, 1, 9) == ([1, 20, 21, 30, 7, 8, 9], 2)
+    assert fewshot.fewshot_ids(blocks, prompt, 1, 5) == ([1, 30, 7, 8, 9], 1)
+    # No room for any exemplar: the zero-shot prompt, cut from the left as eval always did.
+    assert fewshot.fewshot_ids(blocks, prompt, 1, 4) == ([1, 7, 8, 9], 0)
+    assert fewshot.fewshot_ids(blocks, prompt, 1, 3) == ([7, 8, 9], 0)
+    assert fewshot.fewshot_ids(blocks, [7, 8], None, 4) == ([30, 7, 8], 1)
+
+
+def test_build_prompts_with_the_real_tokenizer(tok) -> None:
+    test = {
+        "id": ["sst2-1", "sst2-2"],
+        "task": ["sst2", "sst2"],
+        "prompt": ["Review: bad\nSentiment:", "Review: good\nSentiment:"],
+    }
+    test["prompt_ids"] = [
+        [tok.bos_token_id, *tok(p, add_special_tokens=False).input_ids] for p in test["prompt"]
+    ]
+    pools = {"sst2": [{"prompt": "Review: fine\nSentiment:", "completion": " positive"}] * 2}
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    ids, texts = fewshot.build_prompts(test, pools, 2, encode, tok.bos_token_id, 512)
+    block = "Review: fine\nSentiment: positive\n\n"
+    assert texts == [2 * block + p for p in test["prompt"]]
+    block_ids = encode([block])[0]
+    for got, pids in zip(ids, test["prompt_ids"], strict=True):
+        # BOS, the exemplar ids, then exactly the zero-shot prompt ids prepare made.
+        assert got == [tok.bos_token_id, *block_ids, *block_ids, *pids[1:]]
+
+
 # --- print_table ------------------------------------------------------------------------------
 
 
@@ -133,3 +209,17 @@ def test_print_table_single_model(capsys: pytest.CaptureFixture[str]) -> None:
     print_table({"base": {"sst2/accuracy": 0.5}})
     out = capsys.readouterr().out
     assert "sst2/accuracy | 0.50 |          - |     -" in out
+
+
+def test_print_table_with_the_k_shot_base(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table(
+        {
+            "base": {"sst2/accuracy": 0.5},
+            "base_fewshot": {"sst2/accuracy": 0.625},
+            "finetuned": {"sst2/accuracy": 0.75},
+        }
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    cells = [[c.strip() for c in line.split("|")] for line in lines]
+    assert cells[0] == ["metric", "base", "base k-shot", "fine-tuned", "delta"]
+    assert cells[2] == ["sst2/accuracy", "0.50", "0.62", "0.75", "+0.25"]  # delta: ft - base

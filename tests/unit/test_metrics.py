@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sacrebleu
 from sacrebleu.metrics import CHRF
@@ -263,3 +264,20 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_score(de_en):
     assert (low, high) == bootstrap_ci("bleu", hyps, refs, n=200, seed=1)
     f1_low, f1_high = bootstrap_ci("f1", ["a b", "c", "d e f"], ["a b", "x", "d"], n=50)
     assert 0.0 <= f1_low <= f1_high <= 100.0
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("bleu", "bleu"), ("accuracy", "accuracy"), ("rouge", "rougeL")]
+)
+def test_bootstrap_ci_equals_rescoring_each_resample(name: str, key: str) -> None:
+    preds = ["the cat sat", "a dog", "positive", "the mat", "negative", "hello there"]
+    refs = [["the cat sat down"], ["one dog"], ["positive"], ["on the mat"], ["positive"], ["hi"]]
+    rng = np.random.default_rng(4)  # the documented resampling: n draws of len(examples)
+    scores = []
+    for _ in range(30):
+        idx = rng.integers(0, len(preds), size=len(preds))
+        scores.append(compute_metrics([name], [preds[i] for i in idx], [refs[i] for i in idx])[key])
+    expected = np.quantile(scores, [0.05, 0.95])
+    low, high = bootstrap_ci(name, preds, refs, n=30, seed=4, key=key, confidence=0.9)
+    assert low == pytest.approx(expected[0], abs=1e-9)
+    assert high == pytest.approx(expected[1], abs=1e-9)

@@ -184,3 +184,26 @@ def test_write_report_identical_models_have_a_zero_delta_interval(tmp_path: Path
     _role_outputs(tmp_path, "finetuned", preds, boot)
     write_report(str(tmp_path), ["base", "finetuned"])
     assert "| +0.00 [+0.00, +0.00] |" in (tmp_path / "report.md").read_text()
+
+
+def test_write_report_with_the_k_shot_base(tmp_path: Path) -> None:
+    boot = {"samples": 100, "seed": 1, "confidence": 0.95}
+    _role_outputs(tmp_path, "base", ["negative"] * 20, boot)  # 50
+    _role_outputs(tmp_path, "base_fewshot", ["positive"] * 15 + ["negative"] * 5, boot)  # 55
+    _role_outputs(tmp_path, "finetuned", ["positive", "negative"] * 10, boot)  # 100
+    metrics = json.loads((tmp_path / "base_fewshot" / "metrics.json").read_text())
+    (tmp_path / "base_fewshot" / "metrics.json").write_text(json.dumps({**metrics, "few_shot": 4}))
+    write_report(str(tmp_path), ["base", "base_fewshot", "finetuned"])
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "- base k-shot: `models/base_fewshot` with 4 exemplars per prompt" in lines
+    assert "| metric | base | base k-shot | fine-tuned | delta |" in lines
+    row = next(line for line in lines if line.startswith("| sst2/accuracy"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert [c.split(" [")[0] for c in cells] == [
+        "sst2/accuracy",
+        "50.00",
+        "55.00",
+        "100.00",
+        "+50.00",
+    ]
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -17,6 +18,7 @@ from data_pipeline.pack import (
     packing_efficiency,
     position_ids_from_seq_lens,
 )
+from data_pipeline.prepare import exemplar_rows
 from data_pipeline.sources import Reject, detect_format, parse_bytes
 from data_pipeline.split import SPLITS, assign_split, content_key, record_key, validate_ratios
 from data_pipeline.templates import render
@@ -335,3 +337,19 @@ def test_position_ids_and_efficiency() -> None:
     assert position_ids_from_seq_lens([]) == []
     assert packing_efficiency([], 8) == 0.0
     assert packing_efficiency([{"input_ids": [1] * 6}, {"input_ids": [1] * 2}], 8) == 0.5
+
+
+def test_exemplar_rows_lowest_distinct_keys_per_group() -> None:
+    hi = np.array([5, 1, 1, 3, 9, 2, 2, 0], np.uint64)
+    lo = np.array([0, 7, 7, 0, 0, 1, 0, 4], np.uint64)
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 0], np.int64)
+    chosen = exemplar_rows(hi, lo, groups, n_groups=3, k=3)
+    # Group 0: keys (0,4) < (1,7) (twice: one exemplar, the first row) < (3,0) < (5,0).
+    assert [r.tolist() for r in chosen] == [[7, 1, 3], [6, 5, 4], []]
+    # The order of the rows does not matter, only their keys.
+    perm = np.array([3, 0, 6, 2, 7, 5, 1, 4])
+    again = exemplar_rows(hi[perm], lo[perm], groups[perm], n_groups=3, k=3)
+    assert [[(hi[perm][i], lo[perm][i]) for i in r] for r in again] == [
+        [(hi[i], lo[i]) for i in r] for r in chosen
+    ]
+    assert [r.tolist() for r in exemplar_rows(hi, lo, groups, 3, k=0)] == [[], [], []]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -471,3 +472,164 @@ def test_template_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
     _int_label.__module__ = templates.__name__
     assert template_fingerprint("sst2") != base
     assert template_fingerprint("alpaca") == template_fingerprint("alpaca")
+
+
+# --- the tokenizer's own chat template --------------------------------------------------------
+
+CHAT_TEMPLATES = Path(__file__).resolve().parents[1] / "assets" / "chat_templates"
+STORIES = Path(__file__).resolve().parents[1] / "assets" / "models" / "stories260K"
+
+
+def chat_tokenizer(folder: Path, template: str, as_file: bool) -> Path:
+    """The stories260K tokenizer with a real chat template, in tokenizer_config.json or as
+    chat_template.jinja (the two places transformers reads it from)."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((STORIES / "tokenizer.json").read_bytes())
+    config = json.loads((STORIES / "tokenizer_config.json").read_text())
+    source = (CHAT_TEMPLATES / template).read_text()
+    if as_file:
+        (folder / "chat_template.jinja").write_text(source)
+    else:
+        config["chat_template"] = source
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def conversations() -> list[dict[str, Any]]:
+    """The single-turn demo chats, plus multi-turn ones built from them: a system message,
+    three exchanges, the middle answer not learned (loss_weight 0)."""
+    recs = [rec for _, rec in records("instruction/v1_sft_demo.jsonl")]
+    out = list(recs)
+    for i in range(0, 30, 3):
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": "You are a helpful assistant."}
+        ]
+        for j, rec in enumerate(recs[i : i + 3]):
+            messages += [dict(m) for m in rec["messages"]]
+            if j == 1:
+                messages[-1]["loss_weight"] = 0.0
+        out.append({"messages": messages})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("template", "as_file"), [("llama2_chat.jinja", False), ("chatml.jinja", True)]
+)
+def test_chat_uses_the_tokenizers_chat_template(
+    tmp_path: Path, template: str, as_file: bool
+) -> None:
+    from transformers import AutoTokenizer
+
+    from data_pipeline import prepare, tokenize
+
+    folder = chat_tokenizer(tmp_path / "tok", template, as_file)
+    spec = prepare.tokenizer_spec(str(folder))
+    assert spec["chat_template"] == (CHAT_TEMPLATES / template).read_text()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    encode = prepare.make_encoder(spec)
+    chat = templates.tokenizer_chat_template(spec["chat_template"], spec["special_tokens"])
+    render_chat = templates.renderer("chat", chat_template=chat)
+    bos, eos = tok.bos_token, tok.eos_token
+    expected = []
+    for record in conversations():
+        turns = render_chat(record)
+        messages = [
+            {"role": m["role"], "content": templates._message_text(m, "m")}
+            for m in record["messages"]
+        ]
+        # The text is exactly transformers' (the leading bos and the trailing eos that the
+        # llama2 template writes are added back as ids by build_example).
+        reference = tok.apply_chat_template(messages, tokenize=False)
+        text = "".join(p + c for p, c in turns)
+        if template == "llama2_chat.jinja":
+            assert reference == bos + text + eos
+        else:
+            assert reference == text and bos not in text
+        # Loss only on the learned assistant turns: each completion is the template's text of
+        # one learned assistant message, and the labels count exactly its tokens + eos.
+        learned = [m for m in record["messages"] if m["role"] == "assistant"]
+        learned = [m for m in learned if m.get("loss_weight", 1.0) > 0]
+        assert len(turns) == len(learned)
+        for (_, completion), m in zip(turns, learned, strict=True):
+            assert templates._message_text(m, "m").strip() in completion
+        ids = encode([t for turn in turns for t in turn])
+        input_ids, labels = tokenize.build_example(
+            ids[0::2], ids[1::2], bos_id=spec["bos"], eos_id=spec["eos"], max_seq_len=10_000
+        )
+        assert sum(label != -100 for label in labels) == sum(len(c) for c in ids[1::2]) + 1
+        assert [t for t, label in zip(input_ids, labels, strict=True) if label != -100] == [
+            t for c in ids[1::2] for t in c
+        ] + [spec["eos"]]
+        if template == "llama2_chat.jinja" and len(turns) == 1:
+            # Single turn: the token ids equal transformers' tokenization of its own text.
+            reference_ids: Any = tok.apply_chat_template(messages, tokenize=True)
+            assert input_ids == reference_ids["input_ids"]
+        expected.append((input_ids, labels))
+    # The prepare job's worker (no Ray needed to call it) renders with the same template.
+    path = DATA / "instruction" / "v1_sft_demo.jsonl"
+    worker = prepare.ShardWorker(
+        sources=[{"template": "chat", "params": {}, "split": "train"}],
+        tokenizer=spec,
+        max_seq_len=10_000,
+        truncation="drop",
+        seed=0,
+        ratios={"train": 1.0},
+    )
+    unit = {"source": 0, "part": 0, "path": str(path), "fmt": "jsonl", "gz": False}
+    table = worker._process({**unit, "start": 0, "end": path.stat().st_size, "first_line": 1})
+    assert table["ok"].to_pylist() == [True] * 100
+    assert table["input_ids"].to_pylist() == [ids for ids, _ in expected[:100]]
+    assert table["labels"].to_pylist() == [labels for _, labels in expected[:100]]
+
+
+def test_tokenizer_chat_template_errors_are_rejects() -> None:
+    source = (CHAT_TEMPLATES / "llama2_chat.jinja").read_text()
+    chat = templates.tokenizer_chat_template(source, {"bos_token": "<s>", "eos_token": "</s>"})
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                 {"role": "assistant", "content": "c"}]  # fmt: skip
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        render("chat", {"messages": two_users}, chat_template=chat)
+    # The immutable sandbox: no attribute escapes, no mutation of the messages.
+    escape = templates.tokenizer_chat_template("{{ messages.append(1) }}", {})
+    with pytest.raises(TemplateError, match="sandbox"):
+        render("chat", {"messages": two_users}, chat_template=escape)
+    # A template that renders an earlier turn differently once the conversation goes on.
+    drifting = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    conversation = [
+        {"role": role, "content": text} for role, text in zip("uaua", "abcd", strict=True)
+    ]
+    conversation = [
+        {**m, "role": "user" if m["role"] == "u" else "assistant"} for m in conversation
+    ]
+    with pytest.raises(TemplateError, match="differently"):
+        render(
+            "chat",
+            {"messages": conversation},
+            chat_template=templates.tokenizer_chat_template(drifting, {}),
+        )
+    with pytest.raises(ValueError, match="syntax error"):
+        templates.tokenizer_chat_template("{% for %}", {})
+
+
+def test_template_fingerprints_are_the_same_in_every_process() -> None:
+    """The prepare cache key hashes template code: it must not depend on the hash seed or on
+    where functions sit in memory, or no rerun would ever be reused."""
+    import subprocess
+    import sys
+
+    code = (
+        "from data_pipeline import templates as t\n"
+        "print(t._definition_text(t.tokenizer_chat_template))\n"
+        "print([t._definition_text(f) for _, f in sorted(t.BUILTIN_TEMPLATES.items())])\n"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1 and " at 0x" not in outs.pop()
