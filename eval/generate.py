@@ -52,37 +52,10 @@ class StopOnText:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def generate(
-    model: Any,
-    tok: Any,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    stop: list[str] | None = None,
-    seed: int = 0,
-    pad_id: int | None = None,
-    stop_early: bool = True,
-) -> list[str]:
-    """Generate continuations for token-id prompts; greedy unless `temperature > 0`.
-
-    Returns the decoded new text of each prompt, cut at the first stop string.
-    """
-    return generate_counted(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        num_beams=num_beams,
-        stop=stop,
-        seed=seed,
-        pad_id=pad_id,
-        stop_early=stop_early,
-    )[0]
+def generate(model: Any, tok: Any, prompts: list[list[int]], **options: Any) -> list[str]:
+    """The decoded new text of each prompt, cut at the first stop string: `generate_counted`
+    (same keyword options) without the token counts."""
+    return generate_counted(model, tok, prompts, **options)[0]
 
 
 def generate_counted(
