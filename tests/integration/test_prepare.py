@@ -21,6 +21,7 @@ import pytest
 
 from data_pipeline import prepare as prep
 from launcher.config import from_dict, resolve_paths
+from tests.ray_local import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -123,13 +124,7 @@ def prompt_tokens(example: tuple[list[int], list[int]]) -> tuple[int, ...]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(
-        address="local",  # never join a cluster someone else started on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-    )
+    start_local_ray()
     yield
     ray.shutdown()
 

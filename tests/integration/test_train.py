@@ -23,6 +23,7 @@ import ray
 
 from data_pipeline.prepare import prepare
 from launcher.config import from_dict, resolve_paths
+from tests.ray_local import start_local_ray
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +46,7 @@ def local_ray(_ray_for_module):
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["TQDM_DISABLE"] = "1"
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never join a cluster someone else started on this machine
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level="WARNING",
-        )
+        start_local_ray("WARNING")
     yield
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_local import start_local_ray
+
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests" / "assets"
 TINY_MODEL = ASSETS / "models" / "stories260K"
@@ -18,12 +20,6 @@ def local_ray() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     if ray.is_initialized():  # a module before this one left its Ray running
         ray.shutdown()
-    ray.init(
-        address="local",  # never join a cluster someone else started on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-    )
+    start_local_ray()
     yield
     ray.shutdown()
