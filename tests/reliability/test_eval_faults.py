@@ -20,6 +20,8 @@ import pytest
 
 from eval.evaluate import evaluate
 from launcher.config import Config, from_dict, resolve_paths
+from launcher.pipeline import worker_env
+from tests.ray_local import start_local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests" / "assets"
@@ -34,15 +36,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config,
 
     from data_pipeline.prepare import prepare
 
-    for k, v in {
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_OFFLINE": "1",
-        "TQDM_DISABLE": "1",
-    }.items():
+    for k, v in worker_env(use_gpu=False).items():
         os.environ.setdefault(k, v)
-    # address="local": never join a cluster someone else started on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_local_ray()
     out = tmp_path_factory.mktemp("evalfault")
     cfg = resolve_paths(
         from_dict(
