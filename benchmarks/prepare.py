@@ -6,16 +6,19 @@ Input: the real SST-2 train set (60,614 phrases, gzipped TSV) and the Alpaca dem
 records), tokenized with GPT-2 at max_seq_len 512 (see benchmarks/data/NOTICE.md). Measured:
 
 * ift: `prepare()` on a local Ray with 2 CPUs. Ray start-up is reported on its own; the first
-  prepare (cold: fresh worker processes, cold caches) too; the steady-state time is the best
-  of the later runs, each into a fresh output folder so nothing is reused.
+  prepare (cold: Ray's worker processes import ift and build the tokenizer, the driver
+  imports transformers) too; the steady-state time is the best of the later runs (workers
+  warm), each into a fresh output folder so nothing is reused.
 * datasets.map: `load_dataset` of the same files, then `map(batched=True, num_proc=2)` doing
   the same templates (ift's own), tokenization (the same tokenizer, via transformers) and
-  prompt masking (ift's own `build_example`); best of `--repeat` runs, caching off.
+  prompt masking (ift's own `tokenize_turns`, as the workers call it); best of `--repeat`
+  runs, caching off.
 * ceiling: `tokenizers` `encode_batch` of the same prompt and completion texts, already
   rendered, with its Rust thread pool on both cores: tokenization alone, no I/O, no Python.
 * packing efficiency of the train split at 512, and peak memory (RSS of the driver and of
-  the Ray workers, sampled every 20 ms) on the input and on the input repeated `--scale`
-  times (each copy's text given a suffix so that dedupe keeps it).
+  the Ray workers, sampled every 20 ms in runs of their own, as the sampler takes CPU) on
+  the input and on the input repeated `--scale` times (each copy's text given a suffix so
+  that dedupe keeps it).
 
 Writes benchmarks/results/prepare.json and prints a table. The CPUs of the machine may be
 shared with other jobs: compare ratios taken in the same run, not times across runs.
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +83,9 @@ def config(sst2: Path, alpaca: Path, out: Path) -> Any:
 
 
 class PeakRss:
-    """Samples the RSS of this process and of its Ray workers (its descendants) until stopped."""
+    """Samples the RSS of this process and of the Ray workers that ran prepare's tasks until
+    stopped. A worker counts from its first `process_unit` task on, idle or not (it keeps the
+    built tokenizer)."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
@@ -87,6 +93,7 @@ class PeakRss:
         self.driver_anon = 0  # without file-backed pages (the memory-mapped spill files)
         self.workers = 0
         self.total = 0
+        self._pids: dict[int, psutil.Process] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -103,11 +110,18 @@ class PeakRss:
         while not self._stop.is_set():
             driver = me.memory_info().rss
             self.driver_anon = max(self.driver_anon, _rss_anon())
-            workers = 0
             for p in me.children(recursive=True):
+                if p.pid in self._pids:
+                    continue
                 try:
-                    if "ShardWorker" in " ".join(p.cmdline()[:1]) or "MapWorker" in p.name():
-                        workers += p.memory_info().rss
+                    if "process_unit" in " ".join(p.cmdline()[:1]):
+                        self._pids[p.pid] = p
+                except psutil.Error:
+                    continue
+            workers = 0
+            for p in list(self._pids.values()):
+                try:
+                    workers += p.memory_info().rss
                 except psutil.Error:
                     continue
             self.driver = max(self.driver, driver)
@@ -127,17 +141,25 @@ def _rss_anon() -> int:
     return 0
 
 
-def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any], PeakRss]:
+def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any]]:
+    """One prepare into a fresh folder, timed (no memory sampler running beside it)."""
     from data_pipeline.prepare import prepare
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = config(sst2, alpaca, out)
-    with PeakRss() as rss:
-        t0 = time.perf_counter()
-        manifest = prepare(cfg, log=lambda _: None)
-        elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    manifest = prepare(cfg, log=lambda _: None)
+    elapsed = time.perf_counter() - t0
     assert not manifest["reused"]
-    return elapsed, manifest, rss
+    return elapsed, manifest
+
+
+def peak_memory(sst2: Path, alpaca: Path, out: Path) -> PeakRss:
+    """One more prepare with the RSS sampler on (its 50 Hz scans of the process tree take CPU,
+    so the timed runs go without it)."""
+    with PeakRss() as rss:
+        run_ift(sst2, alpaca, out)
+    return rss
 
 
 # --- baselines ------------------------------------------------------------------------------
@@ -146,14 +168,14 @@ def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any],
 def _map_batch(batch: dict[str, list[Any]], template: str) -> dict[str, list[Any]]:
     """Template + tokenize + mask one batch with ift's own code (`tokenize_turns`), the
     tokenizer loaded through transformers."""
-    from data_pipeline import templates, tokenize
+    from data_pipeline import templates
     from data_pipeline.prepare import tokenize_turns
 
     tok = _tokenizer()
     keys = list(batch)
     records = [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     turns = [templates.render(template, r, {}) for r in records]
-    examples = tokenize_turns(
+    built, _ = tokenize_turns(
         turns,
         lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
         bos_id=None,
@@ -161,8 +183,9 @@ def _map_batch(batch: dict[str, list[Any]], template: str) -> dict[str, list[Any
         max_seq_len=MAX_SEQ_LEN,
         truncation="left",
     )
-    kept = [e for e in examples if not isinstance(e, tokenize.LengthError)]  # rejected, as ift does
-    return {"input_ids": [e[0] for e in kept], "labels": [e[1] for e in kept]}
+    # Over-length examples are left out (LengthError), as ift rejects them.
+    cuts = built.offsets[1:-1]
+    return {"input_ids": np.split(built.input_ids, cuts), "labels": np.split(built.labels, cuts)}
 
 
 _TOK: Any = None
@@ -285,11 +308,14 @@ def main() -> int:
         )
         t_ray = time.perf_counter() - t0
         runs = [run_ift(SST2, ALPACA, work / f"ift{i}") for i in range(args.repeat + 1)]
-        t_cold, _, _ = runs[0]
+        t_cold, _ = runs[0]
         print(f"ift {[round(r[0], 2) for r in runs]} s (ray.init {t_ray:.1f} s)", flush=True)
-        t_ift, manifest, rss_1x = min(runs[1:], key=lambda r: r[0])
+        t_ift, manifest = min(runs[1:], key=lambda r: r[0])
+        rss_1x = peak_memory(SST2, ALPACA, work / "ift_mem")
         big_sst2, big_alpaca = scaled_inputs(work, args.scale)
-        t_big, manifest_big, rss_big = run_ift(big_sst2, big_alpaca, work / "ift_big")
+        t_big, manifest_big = run_ift(big_sst2, big_alpaca, work / "ift_big")
+        print(f"ift x{args.scale} {t_big:.2f} s", flush=True)
+        rss_big = peak_memory(big_sst2, big_alpaca, work / "ift_big_mem")
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,9 +2,9 @@
 
     ift prepare configs/quickstart.yaml
 
-Reads top to bottom: `prepare()` is the driver; `ShardWorker` is the Ray Data actor that parses,
-renders, splits and tokenizes one unit of input (a file, or a line-aligned range of one); the
-rest are small helpers.
+Reads top to bottom: `prepare()` is the driver; `ShardWorker`, run in Ray tasks
+(`_run_units`, `process_unit`), parses, renders, splits and tokenizes one unit of input (a
+file, or a line-aligned range of one); the rest are small helpers.
 
 The workers do everything that is per record, including the split assignment (a hash of the
 prompt and the seed). The driver receives their Arrow tables in input order and never turns a
@@ -33,6 +33,7 @@ temporary folders of killed runs.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -42,6 +43,7 @@ import os
 import shutil
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,8 @@ PACK_SLICE_ROWS = 5_000
 PACK_WINDOW = 200_000
 # The tokenizer's identity is every file in its folder except model weights (too big to hash).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+# Marker files of a folder written by `datasets.Dataset.save_to_disk`.
+_HF_MARKERS = ("dataset_info.json", "state.json")
 
 SPLIT_CODES = {name: code for code, name in enumerate(split.SPLITS)}
 _I32_LIST = pa.list_(pa.int32())
@@ -170,8 +174,8 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     units = _units(files)
     n_workers = max(1, min(cfg.data.num_workers, len(units)))
-    # Budget CPUs explicitly: an actor pool that asks for more CPUs than the cluster has never
-    # starts, and one that takes them all starves everything else (seen on 2-CPU nodes).
+    # Budget CPUs explicitly: workers that ask for more CPUs than the cluster has never start,
+    # and ones that take them all starve everything else (seen on 2-CPU nodes).
     total_cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     cpus = min(1.0, total_cpus / n_workers)
     log(
@@ -179,9 +183,6 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"{n_workers} Ray worker(s)"
     )
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # output order == input order, for determinism
-    ctx.enable_progress_bars = False
     spec = tokenizer_spec(tok_path, cfg.model.trust_remote_code)
     t_spec = time.perf_counter() - t0
     worker_args = {
@@ -193,20 +194,12 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "ratios": dict(cfg.data.split),
         "train_text": cfg.data.exemplars > 0,
     }
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        ShardWorker,
-        fn_constructor_kwargs=worker_args,
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=n_workers),
-        num_cpus=cpus,
-    )
     tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
     _remove_stale_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, SPILL))
     try:
-        spilled = _spill(ds.iter_batches(batch_format="pyarrow", batch_size=None), tmp)
+        spilled = _spill(_run_units(units, worker_args, n_workers, cpus), tmp)
         # Line numbers only identify a record within its file: name the file when there are several.
         spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
         spilled["chat_template"] = "tokenizer" if spec["chat_template"] else "default"
@@ -236,7 +229,7 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Data actor
+# Ray workers
 # --------------------------------------------------------------------------------------------
 
 
@@ -271,10 +264,6 @@ class ShardWorker:
         self.choose_split = split.split_chooser(seed, ratios)
         self.train_text = train_text
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = [self._process(unit) for unit in batch.to_pylist()]
-        return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
-
     def _process(self, unit: dict[str, Any]) -> pa.Table:
         """One unit, a batch of RECORDS_PER_BATCH records at a time: the Python objects of a
         batch (texts, token lists) are freed once it is an Arrow table, so a worker's memory
@@ -297,52 +286,153 @@ class ShardWorker:
         src_idx = unit["source"]
         render = self.renderers[src_idx]
         rejects: list[tuple[int, str]] = []
-        rendered: list[tuple[int, list[tuple[str, str]]]] = []
+        lines: list[int] = []
+        rendered: list[split.Turns] = []
         for line, rec in batch:
             if isinstance(rec, Reject):
                 rejects.append((line, rec.reason))
                 continue
             try:
-                rendered.append((line, render(rec)))
+                rendered.append(render(rec))
+                lines.append(line)
             except templates.TemplateError as e:
                 rejects.append((line, str(e)))
-        good = _Columns()
-        tokenized = tokenize_turns(
-            [turns for _, turns in rendered],
+        built, ids = tokenize_turns(
+            rendered,
             self.encode,
             bos_id=self.bos,
             eos_id=self.eos,
             max_seq_len=self.max_seq_len,
             truncation=self.truncation,
         )
-        for (line, turns), example in zip(rendered, tokenized, strict=True):
-            if isinstance(example, tokenize.LengthError):
-                rejects.append((line, str(example)))
-                continue
-            input_ids, labels, p_ids, c_ids = example
-            pk, ck = split.keys(turns)
-            name = self.pinned[src_idx] or self.choose_split(pk.hex())
-            good.add(line, SPLIT_CODES[name], ck, pk, input_ids, labels)
-            if name == "test":
-                good.add_test(
-                    _prompt_text(turns),
-                    turns[-1][1],
-                    tokenize.prompt_ids_for_generation(p_ids, c_ids, self.bos, self.max_seq_len),
-                )
-            elif name == "train" and self.train_text:
-                good.add_test(_prompt_text(turns), turns[-1][1], [])
-            else:
-                good.add_test(None, None, [])
+        rejects += [(lines[i], str(e)) for i, e in built.errors.items()]
         rejects.sort(key=lambda r: r[0])  # length rejects are found last; report in file order
-        return good.table(src_idx, unit["part"], unit["path"], rejects)
+        # What stays per record in Python: the two text hashes, the split, and the text kept
+        # for the test split (generation inputs) and for exemplar candidates.
+        first_text = np.zeros(len(rendered) + 1, np.int64)
+        np.cumsum([2 * len(t) for t in rendered], out=first_text[1:])
+        kept = built.kept.tolist()
+        codes = np.empty(len(kept), np.int8)
+        keys: list[bytes] = []
+        prompt: list[str | None] = []
+        reference: list[str | None] = []
+        prompt_ids: list[list[int]] = []
+        pinned = self.pinned[src_idx]
+        for j, i in enumerate(kept):
+            turns = rendered[i]
+            pk, ck = split.keys(turns)
+            keys.append(ck + pk)
+            name = pinned or self.choose_split(pk.hex())
+            codes[j] = SPLIT_CODES[name]
+            if name == "test" or (name == "train" and self.train_text):
+                prompt.append(_prompt_text(turns))
+                reference.append(turns[-1][1])
+            else:
+                prompt.append(None)
+                reference.append(None)
+            if name == "test":
+                texts = ids[first_text[i] : first_text[i + 1]]
+                prompt_ids.append(
+                    tokenize.prompt_ids_for_generation(
+                        texts[0::2], texts[1::2], self.bos, self.max_seq_len
+                    )
+                )
+            else:
+                prompt_ids.append([])
+        good = {
+            "line": np.asarray(lines, np.int64)[built.kept],
+            "split": codes,
+            "keys": keys,
+            "input_ids": (built.offsets, built.input_ids),
+            "labels": (built.offsets, built.labels),
+            "loss_tokens": built.loss_tokens,
+            "prompt": prompt,
+            "reference": reference,
+            "prompt_ids": prompt_ids,
+        }
+        return _unit_table(good, src_idx, unit["part"], unit["path"], rejects)
+
+
+def _run_units(
+    units: list[dict[str, Any]], worker_args: dict[str, Any], n_workers: int, cpus: float
+) -> Iterator[pa.Table]:
+    """Each unit's table, in unit order, computed by Ray tasks on at most `n_workers` CPUs.
+
+    Plain Ray tasks rather than Ray Data: its streaming executor polls for finished tasks
+    and hands out the next unit only after a round trip, which left each worker idle 0.3 to
+    0.5 s between units (the benchmark's worker phase took 2.5 s instead of 1.7 s). Here a
+    slot is refilled as soon as a task ends. Tasks, not actors: Ray runs them in its already
+    started worker processes, where the built ShardWorker stays cached (`process_unit`), so
+    a prepare does not start processes and rebuild the tokenizer.
+
+    Memory stays bounded: at most 2 x `n_workers` + 1 units are in flight or finished and
+    waiting for their turn in the object store. A task whose worker dies is retried by Ray;
+    an exception in one fails the prepare.
+    """
+    import ray
+
+    remote = ray.remote(process_unit).options(num_cpus=cpus, max_retries=3)
+    key, args_ref = _worker_key(worker_args), ray.put(worker_args)
+    # Whole files (JSON arrays, Parquet: not cut into ranges), biggest first, are submitted
+    # before the ranges, so that a big one is not the last task, run by one worker while the
+    # others idle; the results still come back in unit order.
+    size = [u["end"] - u["start"] if u.get("whole") else -1 for u in units]
+    order = deque(sorted(range(len(units)), key=lambda i: -size[i]))
+    refs: dict[int, Any] = {}  # submitted and not yet yielded
+    running: set[Any] = set()
+    gz = _GzRanges()
+
+    def submit(i: int) -> None:
+        order.popleft() if order[0] == i else order.remove(i)
+        unit = {**units[i], "data": gz.read(units[i])} if units[i].get("gz") else units[i]
+        refs[i] = remote.remote(unit, key, args_ref)
+        running.add(refs[i])
+
+    try:
+        for head in range(len(units)):
+            while True:
+                # Fill the free CPU slots: the unit to yield next first, then the rest in
+                # order while the window has room.
+                while len(running) < n_workers and (head not in refs or order):
+                    if head not in refs:
+                        submit(head)
+                    elif len(refs) < 2 * n_workers:
+                        submit(order[0])
+                    else:
+                        break
+                if head in refs and refs[head] not in running:
+                    break
+                done, _ = ray.wait(list(running), num_returns=1)
+                running.difference_update(done)
+            yield ray.get(refs.pop(head))
+    finally:
+        gz.close()
+
+
+_WORKERS: dict[str, ShardWorker] = {}
+
+
+def process_unit(unit: dict[str, Any], key: str, worker_args: dict[str, Any]) -> pa.Table:
+    """The Ray task: `ShardWorker(**worker_args)._process(unit)`, with the worker built once
+    per process and settings (`key`), so that later tasks and later prepare runs in the same
+    Ray session skip building the tokenizer. One is kept: new settings replace it."""
+    worker = _WORKERS.get(key)
+    if worker is None:
+        _WORKERS.clear()
+        worker = _WORKERS[key] = ShardWorker(**worker_args)
+    return worker._process(unit)
+
+
+def _worker_key(worker_args: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(worker_args, sort_keys=True).encode()).hexdigest()
 
 
 def tokenize_turns(
     examples: list[split.Turns],
     encode: Callable[[list[str]], list[list[int]]],
     **build: Any,
-) -> list[tuple[list[int], list[int], list[list[int]], list[list[int]]] | tokenize.LengthError]:
-    """Tokenize rendered examples with one `encode` call, then mask each (`build_example`).
+) -> tuple[tokenize.Batch, list[list[int]]]:
+    """Tokenize rendered examples with one `encode` call, then mask them (`build_batch`).
 
     Shared by the workers and the `datasets.map` baseline of benchmarks/prepare.py, so that
     both do exactly the same work per record.
@@ -350,101 +440,76 @@ def tokenize_turns(
     Args:
         examples: Each example's (prompt, completion) turns.
         encode: texts -> ids, without special tokens (`make_encoder`).
-        **build: `bos_id`, `eos_id`, `max_seq_len`, `truncation` for `build_example`.
+        **build: `bos_id`, `eos_id`, `max_seq_len`, `truncation` for `build_batch`.
 
     Returns:
-        Per example `(input_ids, labels, prompt ids per turn, completion ids per turn)`, or
-        the `LengthError` that rejects it.
+        The built rows, and the ids of every text (p1, c1, p2, c2, ... per example).
     """
     # One tokenizer call for all: the per-call overhead is paid once.
     texts = [t for turns in examples for pair in turns for t in pair]
-    ids = encode(texts) if texts else []
-    del texts
-    out: list[Any] = []
-    pos = 0
-    for turns in examples:
-        n = 2 * len(turns)
-        p_ids, c_ids = ids[pos : pos + n : 2], ids[pos + 1 : pos + n : 2]
-        pos += n
-        try:
-            out.append((*tokenize.build_example(p_ids, c_ids, **build), p_ids, c_ids))
-        except tokenize.LengthError as e:
-            out.append(e)
-    return out
+    # Each distinct text once: labels of classification tasks repeat on every record.
+    unique = dict.fromkeys(texts)
+    if len(unique) == len(texts):
+        ids = encode(texts) if texts else []
+    else:
+        encoded = dict(zip(unique, encode(list(unique)), strict=True))
+        ids = [encoded[t] for t in texts]
+    del texts, unique
+    return tokenize.build_batch(ids, [len(t) for t in examples], **build), ids
 
 
 def _prompt_text(turns: split.Turns) -> str:
     """Everything before the last completion: the prompt a model continues to produce it."""
+    if len(turns) == 1:
+        return turns[0][0]
     return "".join(p + c for p, c in turns[:-1]) + turns[-1][0]
 
 
-class _Columns:
-    """Column buffers of one unit's good rows: flat Python lists, one Arrow array each."""
+def _unit_table(
+    good: dict[str, Any], source: int, part: int, file: str, rejects: list[tuple[int, str]]
+) -> pa.Table:
+    """One batch's good rows (columns from `_process_batch`), then its rejects (whose other
+    columns are zero, empty or null), as a ROW_SCHEMA table."""
+    n, r = len(good["split"]), len(rejects)
+    # The four 64-bit halves of the content and prompt keys, from the concatenated digests.
+    keys = np.frombuffer(b"".join(good["keys"]), dtype=">u8").reshape(n, 4).astype(np.uint64)
+    keys = np.concatenate([keys, np.zeros((r, 4), np.uint64)])
 
-    def __init__(self) -> None:
-        self.line: list[int] = []
-        self.split: list[int] = []
-        self.keys: list[bytes] = []
-        self.ids: list[int] = []
-        self.labels: list[int] = []
-        self.offsets: list[int] = [0]
-        self.loss_tokens: list[int] = []
-        self.prompt: list[str | None] = []
-        self.reference: list[str | None] = []
-        self.prompt_ids: list[int] = []
-        self.prompt_offsets: list[int] = [0]
+    def lists(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+        offs = np.concatenate([offsets, np.full(r, offsets[-1])]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offs), pa.array(values, pa.int32()))
 
-    def add(
-        self, line: int, split_code: int, ck: bytes, pk: bytes, ids: list[int], labels: list[int]
-    ) -> None:
-        self.line.append(line)
-        self.split.append(split_code)
-        self.keys.append(ck + pk)
-        self.ids += ids
-        self.labels += labels
-        self.offsets.append(len(self.ids))
-        self.loss_tokens.append(len(labels) - labels.count(tokenize.IGNORE_INDEX))
+    def numbers(values: np.ndarray, dtype: Any) -> pa.Array:
+        return pa.array(np.concatenate([values, np.zeros(r, values.dtype)]).astype(dtype))
 
-    def add_test(self, prompt: str | None, reference: str | None, prompt_ids: list[int]) -> None:
-        self.prompt.append(prompt)
-        self.reference.append(reference)
-        self.prompt_ids += prompt_ids
-        self.prompt_offsets.append(len(self.prompt_ids))
-
-    def table(self, source: int, part: int, file: str, rejects: list[tuple[int, str]]) -> pa.Table:
-        """The good rows, then the rejects (whose other columns are zero, empty or null)."""
-        n, r = len(self.line), len(rejects)
-        # The four 64-bit halves of the content and prompt keys, from the concatenated digests.
-        keys = np.frombuffer(b"".join(self.keys), dtype=">u8").reshape(n, 4).astype(np.uint64)
-        keys = np.concatenate([keys, np.zeros((r, 4), np.uint64)])
-
-        def lists(offsets: list[int], values: list[int]) -> pa.Array:
-            offs = np.asarray(offsets + [offsets[-1]] * r, np.int32)
-            return pa.ListArray.from_arrays(pa.array(offs), pa.array(values, pa.int32()))
-
-        def numbers(values: list[int], dtype: Any) -> pa.Array:
-            return pa.array(np.asarray(values + [0] * r, dtype))
-
-        cols = {
-            "ok": pa.array(np.arange(n + r) < n),
-            "source": pa.array(np.full(n + r, source, np.int32)),
-            "part": pa.array(np.full(n + r, part, np.int32)),
-            "line": pa.array(np.asarray(self.line + [line for line, _ in rejects], np.int64)),
-            "file": pa.array([None] * n + [file] * r, pa.string()),
-            "reason": pa.array([None] * n + [reason for _, reason in rejects], pa.string()),
-            "split": numbers(self.split, np.int8),
-            "ck_hi": pa.array(keys[:, 0]),
-            "ck_lo": pa.array(keys[:, 1]),
-            "pk_hi": pa.array(keys[:, 2]),
-            "pk_lo": pa.array(keys[:, 3]),
-            "input_ids": lists(self.offsets, self.ids),
-            "labels": lists(self.offsets, self.labels),
-            "loss_tokens": numbers(self.loss_tokens, np.int32),
-            "prompt": pa.array(self.prompt + [None] * r, pa.string()),
-            "reference": pa.array(self.reference + [None] * r, pa.string()),
-            "prompt_ids": lists(self.prompt_offsets, self.prompt_ids),
-        }
-        return pa.table(cols, schema=ROW_SCHEMA)
+    prompt_lens = np.fromiter(map(len, good["prompt_ids"]), np.int64, count=n)
+    prompt_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(prompt_lens, out=prompt_offsets[1:])
+    prompt_ids = np.fromiter(
+        (t for ids in good["prompt_ids"] for t in ids), np.int32, count=int(prompt_offsets[-1])
+    )
+    cols = {
+        "ok": pa.array(np.arange(n + r) < n),
+        "source": pa.array(np.full(n + r, source, np.int32)),
+        "part": pa.array(np.full(n + r, part, np.int32)),
+        "line": pa.array(
+            np.concatenate([good["line"], np.asarray([line for line, _ in rejects], np.int64)])
+        ),
+        "file": pa.array([None] * n + [file] * r, pa.string()),
+        "reason": pa.array([None] * n + [reason for _, reason in rejects], pa.string()),
+        "split": numbers(good["split"], np.int8),
+        "ck_hi": pa.array(keys[:, 0]),
+        "ck_lo": pa.array(keys[:, 1]),
+        "pk_hi": pa.array(keys[:, 2]),
+        "pk_lo": pa.array(keys[:, 3]),
+        "input_ids": lists(*good["input_ids"]),
+        "labels": lists(*good["labels"]),
+        "loss_tokens": numbers(good["loss_tokens"], np.int32),
+        "prompt": pa.array(good["prompt"] + [None] * r, pa.string()),
+        "reference": pa.array(good["reference"] + [None] * r, pa.string()),
+        "prompt_ids": lists(prompt_offsets, prompt_ids),
+    }
+    return pa.table(cols, schema=ROW_SCHEMA)
 
 
 def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -518,7 +583,7 @@ def _records(unit: dict[str, Any]) -> Iterator[sources.Parsed]:
     data = _read_unit(unit)
     header = b""
     if unit["start"] > 0 and unit["fmt"] == "tsv":
-        header = _read_unit({**unit, "start": 0, "end": 1 << 16})
+        header = _read_unit({**unit, "start": 0, "end": 1 << 16, "data": None})
         header = header[: header.find(b"\n") + 1]
     shift = unit["first_line"] - 1 - (1 if header else 0)
     for line, rec in parse_bytes(header + data, unit["path"], unit["fmt"]):
@@ -592,10 +657,8 @@ def _select(cfg: Any, spilled: dict[str, Any]) -> tuple[np.ndarray, dict[str, in
     keep = np.ones(n, bool)
     stats = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0}
     if cfg.data.dedupe and n:
-        # The first occurrence of each content key wins (np.unique's index is the first one).
-        _, first = np.unique(_key128(spilled["ck_hi"], spilled["ck_lo"]), return_index=True)
         keep[:] = False
-        keep[first] = True
+        keep[first_occurrences(spilled["ck_hi"], spilled["ck_lo"])] = True
         stats["duplicates"] = int(n - keep.sum())
     test = codes == SPLIT_CODES["test"]
     for i, src in enumerate(cfg.data.sources):
@@ -611,20 +674,44 @@ def _select(cfg: Any, spilled: dict[str, Any]) -> tuple[np.ndarray, dict[str, in
             keep &= ~over
     # A prompt lands in one split by its hash, but a source pinned to a split can still bring
     # a prompt that another source put elsewhere: test wins over validation over train.
-    prompt = _key128(spilled["pk_hi"], spilled["pk_lo"])
+    pk_hi, pk_lo = spilled["pk_hi"], spilled["pk_lo"]
     for later in ("test", "validation"):
-        held = prompt[keep & (codes == SPLIT_CODES[later])]
+        held = keep & (codes == SPLIT_CODES[later])
         earlier = keep & (codes < SPLIT_CODES[later])
-        if held.size and earlier.any():
-            leak = earlier & np.isin(prompt, held)
+        if held.any() and earlier.any():
+            leak = earlier & _isin128(pk_hi, pk_lo, pk_hi[held], pk_lo[held])
             stats["overlap"] += int(leak.sum())
             keep &= ~leak
     return keep, stats
 
 
-def _key128(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    out = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8")])
-    out["hi"], out["lo"] = hi, lo
+def first_occurrences(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Indices of the first row of each distinct 128-bit key (`hi`, `lo`), in key order.
+
+    A stable lexsort puts equal keys next to each other in row order, so the first of each
+    run is its first occurrence (np.unique on a structured array does the same, 20x slower).
+    """
+    order = np.lexsort((lo, hi))
+    h, lo_sorted = hi[order], lo[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (h[1:] != h[:-1]) | (lo_sorted[1:] != lo_sorted[:-1])
+    return order[new]
+
+
+def _isin128(
+    hi: np.ndarray, lo: np.ndarray, held_hi: np.ndarray, held_lo: np.ndarray
+) -> np.ndarray:
+    """Which rows' 128-bit keys (`hi`, `lo`) are among the held ones.
+
+    The high halves narrow it down (np.isin on uint64 is fast; on a structured array it
+    sorts 20x slower); the few candidates are then checked whole.
+    """
+    out = np.zeros(len(hi), bool)
+    candidates = np.flatnonzero(np.isin(hi, held_hi))
+    if candidates.size:
+        held = set(zip(held_hi.tolist(), held_lo.tolist(), strict=True))
+        pairs = zip(hi[candidates].tolist(), lo[candidates].tolist(), strict=True)
+        out[candidates] = [pair in held for pair in pairs]
     return out
 
 
@@ -1014,12 +1101,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def _expand(path: str, fmt: str | None, index: int) -> list[tuple[str, str]]:
-    """A source path (file, glob, folder) -> sorted [(file, format)]."""
+    """A source path (file, glob, folder; local or a URI) -> sorted [(file, format)]."""
     if "://" in path:
-        return [(path, fmt or detect_format(path))]
-    p = Path(path)
-    if p.is_dir():
-        if fmt == "hf" or (p / "dataset_info.json").exists() or (p / "state.json").exists():
+        matches = _expand_uri(path, fmt, index)
+    elif (p := Path(path)).is_dir():
+        if fmt == "hf" or any((p / m).exists() for m in _HF_MARKERS):
             return [(str(p), "hf")]
         matches = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
     else:
@@ -1029,23 +1115,107 @@ def _expand(path: str, fmt: str | None, index: int) -> list[tuple[str, str]]:
     out = []
     for m in matches:
         try:
-            out.append((m, fmt or detect_format(m)))
+            out.append((m, fmt or detect_format(_strip_query(m))))
         except ValueError as e:
             raise PrepareError(f"data.sources.{index}.path: {e}") from None
     return out
 
 
+def _expand_uri(uri: str, fmt: str | None, index: int) -> list[str]:
+    """The files a URI names, on any filesystem pyarrow opens (s3://, gs://, hdfs://, file://).
+
+    A URI with `*` or `[` in it is matched against every file under its longest prefix without
+    one, as glob.glob matches (`*` within a name, `**` across folders, a name starting with '.'
+    only where the pattern starts with '.'); `?` is no wildcard here: it starts the query. A
+    folder (for S3: a key prefix) lists every file under it but those under a name starting
+    with '.'. Anything else is one file, if it exists. Each URI returned keeps the query of
+    `uri`, so that `_fs()` reopens it with the same options.
+
+    S3 is configured as for any AWS client, from the environment of the driver and of the Ray
+    workers: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL
+    for MinIO and other S3-compatible stores; or per source in the query, e.g.
+    `s3://bucket/sst2/*.tsv?endpoint_override=minio:9000&scheme=http`. Never put keys in the
+    path: it is written to the manifest and to rejects.jsonl.
+
+    Args:
+        uri: `scheme://...`, optionally with a glob and a `?query`.
+        fmt: The source's format override (`hf` is refused: see Raises).
+        index: The source's index, for error messages.
+
+    Returns:
+        The matching file URIs, sorted; empty when nothing matches.
+
+    Raises:
+        PrepareError: pyarrow cannot open or list the URI, or it is a `datasets` save_to_disk
+            folder (read from local disk only).
+    """
+    hf_folder = PrepareError(
+        f"data.sources.{index}.path: {uri} is a `datasets` save_to_disk folder; only a local "
+        "one can be read (copy it here, or save it as Parquet files)"
+    )
+    if fmt == "hf":
+        raise hf_folder
+    base, sep, query = uri.partition("?")
+    glob_at = min((i for i in map(base.find, "*[") if i >= 0), default=-1)
+    root = base[: base.rfind("/", 0, glob_at)] if glob_at >= 0 else base.rstrip("/")
+    pattern = base[len(root) + 1 :].split("/") if glob_at >= 0 else None
+    try:
+        fs, root_path = pafs.FileSystem.from_uri(root + sep + query)
+        kind = fs.get_file_info(root_path).type
+        if pattern is None and kind == pafs.FileType.File:
+            return [uri]
+        listing = []
+        if kind == pafs.FileType.Directory:
+            listing = fs.get_file_info(pafs.FileSelector(root_path, recursive=True))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise PrepareError(f"data.sources.{index}.path: cannot list {uri}: {e}") from None
+    prefix = root_path.rstrip("/") + "/"
+    found = []
+    for info in listing:
+        if info.type != pafs.FileType.File or not info.path.startswith(prefix):
+            continue
+        parts = info.path[len(prefix) :].split("/")
+        if pattern is None and len(parts) == 1 and parts[0] in _HF_MARKERS:
+            raise hf_folder
+        if _glob_match(parts, pattern) if pattern else not any(x[:1] == "." for x in parts):
+            found.append(f"{root.rstrip('/')}/{'/'.join(parts)}{sep}{query}")
+    return sorted(found)
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Whether a relative path (split at '/') matches a glob (split at '/'), by glob.glob's
+    rules with recursive=True: see `_expand_uri`."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":  # any number of folders, none of them hidden
+        return _glob_match(parts, rest) or (
+            bool(parts) and parts[0][:1] != "." and _glob_match(parts[1:], pattern)
+        )
+    return (
+        bool(parts)
+        and (parts[0][:1] != "." or head[:1] == ".")
+        and fnmatch.fnmatchcase(parts[0], head)
+        and _glob_match(parts[1:], rest)
+    )
+
+
+def _strip_query(path: str) -> str:
+    """A path without the `?query` of a URI (filesystem options, not part of the name)."""
+    return path.partition("?")[0] if "://" in path else path
+
+
 def _units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
     """Work units: whole files, or line-aligned ranges of line-delimited ones.
 
-    A range of a .gz file is one of its decompressed stream (`gz`): the worker decompresses
-    up to the end of its range, a cost small next to parsing and tokenizing it.
+    A range of a .gz file is one of its decompressed stream (`gz`); the driver decompresses
+    it when the unit is submitted (`_GzRanges`).
     """
     units = []
     for src_idx, entries in enumerate(files):
         for part, (path, fmt) in enumerate(entries):
             size = _size(path) if fmt != "hf" else 0
-            gz = path.endswith(".gz")
+            gz = _strip_query(path).endswith(".gz")
             chunk = min(
                 CHUNK_BYTES,
                 max(MIN_CHUNK_BYTES, -(-size * (GZIP_RATIO if gz else 1) // RANGES_PER_FILE)),
@@ -1095,6 +1265,36 @@ def _line_ranges(path: str, gz: bool, chunk: int) -> list[tuple[int, int, int]] 
     return ranges
 
 
+class _GzRanges:
+    """The bytes of .gz ranges, decompressed on the driver in one pass per file.
+
+    A worker can only reach the middle of a gzip stream by decompressing everything before
+    it, so each of a file's N ranges read by the workers cost O(N^2) decompression in all
+    (a third of the workers' time at 10x the benchmark). Units are submitted in order, so
+    here one open stream per file moves forward range by range.
+    """
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.stream: Any = None
+        self.pos = 0
+
+    def read(self, unit: dict[str, Any]) -> bytes:
+        if unit["path"] != self.path or unit["start"] < self.pos:
+            self.close()
+            self.path, self.stream, self.pos = unit["path"], _open_stream(unit["path"], True), 0
+        if unit["start"] > self.pos:
+            self.stream.seek(unit["start"])  # forward: decompresses and discards
+        data: bytes = self.stream.read(unit["end"] - unit["start"])
+        self.pos = unit["end"]
+        return data
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.path, self.stream = None, None
+
+
 def _open_stream(path: str, gz: bool) -> Any:
     fs, p = _fs(path)
     stream = fs.open_input_stream(p, compression=None)  # we gunzip ourselves
@@ -1102,6 +1302,8 @@ def _open_stream(path: str, gz: bool) -> Any:
 
 
 def _read_unit(unit: dict[str, Any]) -> bytes:
+    if unit.get("data") is not None:  # a .gz range the driver decompressed (_GzRanges)
+        return unit["data"]  # type: ignore[no-any-return]
     start, end = unit["start"], unit["end"]
     if end <= start:
         return b""

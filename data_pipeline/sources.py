@@ -330,6 +330,17 @@ def _delimited_rows(text: str, delimiter: str, literal: bool) -> list[tuple[int,
 
     ``literal`` turns quote handling off: a quote character is then just text.
     """
+    if "\r" not in text and "\0" not in text and (literal or '"' not in text):
+        # No quotes, carriage returns or NULs: the csv module's rows are then exactly the
+        # lines cut at the delimiter, which this gets several times faster.
+        plain: list[tuple[int, list[str] | str]] = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line or line.isspace():
+                continue
+            fields = line.split(delimiter)
+            if fields[0].strip() or any(field.strip() for field in fields):
+                plain.append((number, fields))
+        return plain
     previous_limit = csv.field_size_limit(2**31 - 1)  # news articles exceed the 128 KiB default
     try:
         stream = io.StringIO(text, newline="")
@@ -373,13 +384,14 @@ def _delimited_records(
     if problem:
         return [(header_line, Reject(source, header_line, f"header: {problem}"))]
     out: list[tuple[int, dict[str, Any] | Reject]] = []
+    check_utf8 = _SURROGATE.search(text) is not None  # one scan when the whole text is clean
     for line, row in rows[1:]:
         if isinstance(row, str):
             out.append((line, Reject(source, line, row)))
         elif len(row) != len(header):
             reason = f"expected {len(header)} fields, got {len(row)}"
             out.append((line, Reject(source, line, reason)))
-        elif (bad := _bad_utf8_field(row)) is not None:
+        elif check_utf8 and (bad := _bad_utf8_field(row)) is not None:
             out.append((line, Reject(source, line, bad)))
         else:
             out.append((line, dict(zip(header, row, strict=True))))

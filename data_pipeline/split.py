@@ -46,11 +46,8 @@ def keys(turns: Turns) -> tuple[bytes, bytes]:
     Returns:
         ``(bytes.fromhex(record_key(turns)), bytes.fromhex(content_key(turns)))``.
     """
-    prompt = hashlib.blake2b(digest_size=16)
-    content = hashlib.blake2b(digest_size=16)
-    for h, tag in ((prompt, b"prompt"), (content, b"content")):
-        h.update(len(tag).to_bytes(8, "big"))
-        h.update(tag)
+    prompt = _PROMPT_KEY.copy()
+    content = _CONTENT_KEY.copy()
     for turn_prompt, completion in turns:
         data = turn_prompt.encode("utf-8")
         prefixed = len(data).to_bytes(8, "big") + data
@@ -59,6 +56,18 @@ def keys(turns: Turns) -> tuple[bytes, bytes]:
         data = completion.encode("utf-8")
         content.update(len(data).to_bytes(8, "big") + data)
     return prompt.digest(), content.digest()
+
+
+def _tagged(tag: bytes) -> hashlib.blake2b:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(len(tag).to_bytes(8, "big"))
+    h.update(tag)
+    return h
+
+
+# The hash states after the tag, copied per record rather than rebuilt.
+_PROMPT_KEY = _tagged(b"prompt")
+_CONTENT_KEY = _tagged(b"content")
 
 
 def content_key(turns: Turns) -> str:

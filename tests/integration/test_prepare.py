@@ -1,6 +1,6 @@
 """The prepare job on a real local Ray (and a simulated 2-node cluster), on the real samples.
 
-Nothing is mocked: real Ray Data actors, the real stories260K tokenizer, the real files under
+Nothing is mocked: real Ray tasks, the real stories260K tokenizer, the real files under
 tests/assets/data. Configs stay tiny because the test machines have 2 shared CPUs.
 """
 
@@ -430,6 +430,40 @@ def test_too_many_rejects_fails_and_leaves_the_old_output(local_ray, work: Path)
         prep.prepare(bad_config(fresh, max_reject_fraction=0.1), log=_quiet)
     assert not (fresh / "data" / prep.MANIFEST).exists()
     assert (fresh / "data.rejects.jsonl").exists()
+
+
+def test_ray_tasks_give_every_unit_in_order_as_in_process(local_ray, work: Path) -> None:
+    """`_run_units` on Ray returns exactly what the worker computes in this process, unit
+    after unit, although the first unit (a whole file of news articles) takes longer
+    than the small ranges after it, which finish first."""
+    folder = work / "order"
+    folder.mkdir()
+    shutil.copy(DATA / "cnn_dailymail" / "summeval.jsonl", folder / "a_news.jsonl")
+    lines = (DATA / "sst2" / "train.tsv").read_bytes().splitlines(keepends=True)
+    (folder / "b_sst2.tsv").write_bytes(b"".join(lines))
+    sources = [
+        {"path": str(folder / "a_news.jsonl"), "template": "cnn_dailymail"},
+        {"path": str(folder / "b_sst2.tsv"), "template": "sst2"},
+    ]
+    cfg = main_config(folder, work / "order_out", num_workers=2, sources=sources)
+    files = [prep._expand(s.path, s.format, i) for i, s in enumerate(cfg.data.sources)]
+    units = prep._units(files)
+    assert len(units) >= 3 and units[0]["whole"]
+    args = {
+        "sources": [s.model_dump(mode="json") for s in cfg.data.sources],
+        "tokenizer": prep.tokenizer_spec(str(TOKENIZER)),
+        "max_seq_len": 256,
+        "truncation": "left",
+        "seed": 0,
+        "ratios": {"train": 0.8, "validation": 0.1, "test": 0.1},
+        "train_text": True,
+    }
+    worker = prep.ShardWorker(**args)
+    expected = [worker._process(u) for u in units]
+    got = list(prep._run_units(units, args, n_workers=2, cpus=1.0))
+    assert len(got) == len(units)
+    for g, e in zip(got, expected, strict=True):
+        assert g.equals(e)
 
 
 def test_two_node_cluster_gives_the_same_fingerprint(two_workers, work: Path) -> None:

@@ -332,3 +332,37 @@ def test_csv_fields_longer_than_the_csv_module_default_limit() -> None:
     data = f'article,highlights\n"{article}",short\n'.encode()
     [(line, rec)] = list(parse_bytes(data, "long.csv", "csv"))
     assert line == 2 and isinstance(rec, dict) and rec["article"] == article
+
+
+def test_delimited_fast_path_equals_the_csv_module() -> None:
+    """Text without quotes, carriage returns or NULs is cut into rows by str.split; the rows
+    (line numbers, fields, blank rows skipped) must be exactly those of the csv module."""
+    import csv
+    import random
+
+    from data_pipeline.sources import _delimited_rows
+
+    def with_csv(text: str, delimiter: str, literal: bool) -> list[tuple[int, list[str]]]:
+        quoting = csv.QUOTE_NONE if literal else csv.QUOTE_MINIMAL
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+        rows = []
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return rows
+            if any(field.strip() for field in row):
+                rows.append((start, row))
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\t", ",", "\n", "\n\n", "é", "\udcff", "\v", "\x1c", "\xa0"]
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        for delimiter in ("\t", ","):
+            for literal in (False, True):
+                assert _delimited_rows(text, delimiter, literal) == with_csv(
+                    text, delimiter, literal
+                ), (text, delimiter, literal)
+    # Quoted fields still go through the csv module.
+    assert _delimited_rows('a,b\n"x\ny",2\n', ",", False) == [(1, ["a", "b"]), (2, ["x\ny", "2"])]

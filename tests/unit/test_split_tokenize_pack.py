@@ -18,12 +18,13 @@ from data_pipeline.pack import (
     packing_efficiency,
     position_ids_from_seq_lens,
 )
-from data_pipeline.prepare import exemplar_rows
+from data_pipeline.prepare import _isin128, exemplar_rows, first_occurrences
 from data_pipeline.sources import Reject, detect_format, parse_bytes
 from data_pipeline.split import SPLITS, assign_split, content_key, record_key, validate_ratios
 from data_pipeline.templates import render
 from data_pipeline.tokenize import (
     LengthError,
+    build_batch,
     build_example,
     prompt_ids_for_generation,
     token_stats,
@@ -216,6 +217,93 @@ def test_left_truncation_on_real_text(tokenizer: Tokenizer) -> None:
         assert ids[-len(completions[0]) - 1 : -1] == completions[0]
         # The kept prompt is the end of the original prompt.
         assert ids[1 : -len(completions[0]) - 1] == prompts[0][-(512 - 2 - len(completions[0])) :]
+
+
+def _per_example(ids: list[list[int]], turns: list[int], **build: Any) -> list[Any]:
+    """`build_example` on each example of a `build_batch` input: rows or LengthErrors."""
+    out: list[Any] = []
+    pos = 0
+    for n in turns:
+        texts, pos = ids[pos : pos + 2 * n], pos + 2 * n
+        try:
+            out.append(build_example(texts[0::2], texts[1::2], **build))
+        except LengthError as e:
+            out.append(e)
+    return out
+
+
+def _assert_batch_equals(ids: list[list[int]], turns: list[int], **build: Any) -> None:
+    batch = build_batch(ids, turns, **build)
+    expected = _per_example(ids, turns, **build)
+    kept = [i for i, e in enumerate(expected) if not isinstance(e, LengthError)]
+    assert batch.kept.tolist() == kept
+    assert {i: str(e) for i, e in batch.errors.items()} == {
+        i: str(e) for i, e in enumerate(expected) if isinstance(e, LengthError)
+    }
+    for row, i in enumerate(kept):
+        start, end = batch.offsets[row], batch.offsets[row + 1]
+        assert batch.input_ids[start:end].tolist() == expected[i][0]
+        assert batch.labels[start:end].tolist() == expected[i][1]
+        assert batch.loss_tokens[row] == sum(label != -100 for label in expected[i][1])
+
+
+def test_build_batch_equals_build_example_per_example() -> None:
+    """The vectorized builder the workers use gives build_example's rows and errors exactly:
+    random turns, empty prompts and completions, bos or not, both truncation policies, and
+    lengths on both sides of max_seq_len."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        turns = [rng.randint(1, 3) for _ in range(rng.randint(0, 6))]
+        ids = [
+            [rng.randrange(100) for _ in range(rng.randint(0, 7))] for _ in range(2 * sum(turns))
+        ]
+        _assert_batch_equals(
+            ids,
+            turns,
+            bos_id=rng.choice([None, 500]),
+            eos_id=501,
+            max_seq_len=rng.randint(1, 30),
+            truncation=rng.choice(["drop", "left"]),
+        )
+
+
+def test_build_batch_on_real_text(tokenizer: Tokenizer) -> None:
+    # Real chat (multi-turn) and news (long: truncated at 256) examples in one batch.
+    examples = rendered("instruction/v1_sft_demo.jsonl", "chat")[:50]
+    examples += rendered("cnn_dailymail/summeval.jsonl", "cnn_dailymail")[:20]
+    ids: list[list[int]] = []
+    for turns in examples:
+        prompts, completions = tokenize_turns(tokenizer, turns)
+        ids += [t for pair in zip(prompts, completions, strict=True) for t in pair]
+    for truncation in ("drop", "left"):
+        _assert_batch_equals(
+            ids,
+            [len(t) for t in examples],
+            bos_id=BOS,
+            eos_id=EOS,
+            max_seq_len=256,
+            truncation=truncation,
+        )
+    with pytest.raises(ValueError, match="turns need"):
+        build_batch(ids[:-1], [len(t) for t in examples], bos_id=BOS, eos_id=EOS, max_seq_len=9)
+
+
+def test_128_bit_key_helpers_equal_plain_python() -> None:
+    """Dedupe (first occurrence of each key) and the split-overlap check (key among the held
+    ones) on keys whose halves collide often, against dicts and sets of (hi, lo) pairs."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(0, 300))
+        hi, lo = (rng.integers(0, 4, n).astype(np.uint64) for _ in range(2))
+        pairs = list(zip(hi.tolist(), lo.tolist(), strict=True))
+        first: dict[tuple[int, int], int] = {}
+        for i, pair in enumerate(pairs):
+            first.setdefault(pair, i)
+        assert sorted(first_occurrences(hi, lo).tolist()) == sorted(first.values())
+        held = rng.random(n) < 0.2
+        held_pairs = {p for p, h in zip(pairs, held, strict=True) if h}
+        got = _isin128(hi, lo, hi[held], lo[held]).tolist()
+        assert got == [p in held_pairs for p in pairs]
 
 
 def test_prompt_ids_for_generation() -> None:
