@@ -61,13 +61,13 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SPILL = ".spill"
 EXEMPLARS = "exemplars"
-# Line-delimited files are cut at newlines into about 8 ranges each (64 KiB .. 1 MiB), so that
+# Line-delimited files are cut at newlines into about 8 ranges each (64 .. 512 KiB), so that
 # one big file still spreads over every worker and the driver can start on the first range
 # while the rest are tokenized. The cut depends on the file alone, never on the worker count.
 # Other formats (json arrays, csv with quoted newlines, parquet) go whole.
 RANGES_PER_FILE = 8
 MIN_CHUNK_BYTES = 64 << 10
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 512 << 10
 # A worker renders and tokenizes a unit this many records at a time (see ShardWorker._process).
 RECORDS_PER_BATCH = 1024
 # Nominal gzip ratio of text, to size the ranges of a .gz file from its compressed size.
@@ -78,7 +78,7 @@ ROWS_PER_SHARD = 50_000
 # slice never straddles two shard files).
 PACK_SLICE_ROWS = 5_000
 # Best-fit decreasing runs over windows of this many examples (in input order).
-PACK_WINDOW = 200_000
+PACK_WINDOW = 65_536
 # The tokenizer's identity is every file in its folder except model weights (too big to hash).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 # Marker files of a folder written by `datasets.Dataset.save_to_disk`.
@@ -636,7 +636,10 @@ def _spill(batches: Iterable[pa.Table], tmp: str) -> dict[str, Any]:
                 writers[name].write_table(part)
     for w in writers.values():
         w.close()
-    arrays = {k: np.concatenate(v) if v else np.zeros(0, np.uint64) for k, v in keys.items()}
+    arrays = {}
+    for k, parts in keys.items():  # one column at a time: the chunks go as its copy is made
+        arrays[k] = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        parts.clear()
     return {
         **arrays,
         "good": len(arrays["split"]),
@@ -653,7 +656,7 @@ def _select(cfg: Any, spilled: dict[str, Any]) -> tuple[np.ndarray, dict[str, in
     cut into units or on which worker finished first.
     """
     n = spilled["good"]
-    source, codes = spilled["source"].astype(np.int64), spilled["split"]
+    source, codes = spilled["source"], spilled["split"]
     keep = np.ones(n, bool)
     stats = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0}
     if cfg.data.dedupe and n:
@@ -738,7 +741,7 @@ def _write_dataset(
         lengths = _list_lengths(table.column("input_ids"))[kept]
         loss_tokens = table.column("loss_tokens").to_numpy()[kept]
         release()
-        info: dict[str, Any] = {**tokenize.token_stats(lengths.tolist(), loss_tokens.tolist())}
+        info: dict[str, Any] = {**tokenize.token_stats(lengths, loss_tokens)}
         schema = TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
         writer = _ShardWriter(os.path.join(tmp, name), schema)
         if name == "test" or not cfg.data.packing:
@@ -883,7 +886,7 @@ def _remove_stale_tmp(out_dir: str) -> None:
     still runs on this host is another prepare at work and is left alone."""
     for path in glob.glob(glob.escape(out_dir.rstrip("/")) + ".tmp-*"):
         suffix = path.rsplit(".tmp-", 1)[1]
-        if not suffix.isdigit() or not os.path.isdir(path):
+        if not (suffix.isascii() and suffix.isdigit()) or not os.path.isdir(path):
             continue
         try:
             os.kill(int(suffix), 0)

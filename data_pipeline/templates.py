@@ -172,7 +172,7 @@ def _int_label(record: dict[str, Any], name: str, allowed: range) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and value.strip().lstrip("-").isdecimal():
         number = int(value.strip())  # CSV and TSV fields are text
     if number is None:
         raise TemplateError(f"field {name!r} must be an integer, got {value!r}")

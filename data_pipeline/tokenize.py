@@ -238,15 +238,17 @@ def prompt_ids_for_generation(
     return ([bos_id] if bos_id is not None else []) + context
 
 
-def _nearest_rank(sorted_values: list[int], q: float) -> int:
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+def _nearest_rank(sorted_values: np.ndarray, q: float) -> int:
+    return int(sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)])
 
 
-def token_stats(lengths: list[int], label_counts: list[int]) -> dict[str, float | int]:
+def token_stats(
+    lengths: Sequence[int] | np.ndarray, label_counts: Sequence[int] | np.ndarray
+) -> dict[str, float | int]:
     """Summary statistics of tokenized examples for the manifest and the logs.
 
     Args:
-        lengths: Tokens per example.
+        lengths: Tokens per example (a NumPy array is not copied into Python ints).
         label_counts: Learned (non ``-100``) labels per example.
 
     Returns:
@@ -254,11 +256,11 @@ def token_stats(lengths: list[int], label_counts: list[int]) -> dict[str, float 
         ``p99_length`` (nearest-rank percentiles) and ``max_length``; zeros when empty.
 
     Raises:
-        ValueError: If the two lists differ in length.
+        ValueError: If the two differ in length.
     """
     if len(lengths) != len(label_counts):
         raise ValueError(f"{len(lengths)} lengths but {len(label_counts)} label counts")
-    if not lengths:
+    if not len(lengths):
         return {
             "rows": 0,
             "tokens": 0,
@@ -268,14 +270,14 @@ def token_stats(lengths: list[int], label_counts: list[int]) -> dict[str, float 
             "p99_length": 0,
             "max_length": 0,
         }
-    ordered = sorted(lengths)
-    tokens = sum(lengths)
+    ordered = np.sort(np.asarray(lengths, np.int64))
+    tokens = int(ordered.sum())
     return {
-        "rows": len(lengths),
+        "rows": len(ordered),
         "tokens": tokens,
-        "loss_tokens": sum(label_counts),
-        "mean_length": tokens / len(lengths),
+        "loss_tokens": int(np.asarray(label_counts, np.int64).sum()),
+        "mean_length": tokens / len(ordered),
         "p50_length": _nearest_rank(ordered, 0.50),
         "p99_length": _nearest_rank(ordered, 0.99),
-        "max_length": ordered[-1],
+        "max_length": int(ordered[-1]),
     }

@@ -633,3 +633,10 @@ def test_template_fingerprints_are_the_same_in_every_process() -> None:
         for seed in ("1", "2")
     }
     assert len(outs) == 1 and " at 0x" not in outs.pop()
+
+
+def test_a_non_decimal_digit_label_is_a_template_error() -> None:
+    # "²".isdigit() is True but int("²") raises ValueError: it must be a reject, not a crash.
+    with pytest.raises(TemplateError, match="must be an integer"):
+        render("sst2", {"sentence": "fine", "label": "²"})
+    assert render("sst2", {"sentence": "fine", "label": " 1 "})[0][1] == "positive"
