@@ -623,7 +623,8 @@ def _spill(batches: Iterable[pa.Table], tmp: str) -> dict[str, Any]:
             if table.num_rows == 0:
                 continue
             for k, parts in keys.items():
-                parts.append(table.column(k).to_numpy())
+                # A copy: a view would pin the whole result in Ray's object store until the end.
+                parts.append(table.column(k).to_numpy().copy())
             codes = keys["split"][-1]
             for name, code in SPLIT_CODES.items():
                 mask = codes == code

@@ -219,7 +219,14 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
         return
     text = text.removeprefix(_BOM)
     try:
-        doc = json.loads(text)
+        if text.lstrip(_JSON_SPACE).startswith("["):
+            # A top-level array: check it whole, then decode it again an element at a time,
+            # so that a worker never holds every record of a big file at once.
+            for _ in _array_items(text):
+                pass
+            doc: Any = _array_items(text)
+        else:
+            doc = json.loads(text)
     except json.JSONDecodeError as exc:
         yield exc.lineno, Reject(source, exc.lineno, f"malformed JSON: {exc.msg} (col {exc.colno})")
         return
@@ -245,7 +252,7 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
             )
             return
         doc = doc[lists[0]]
-    elif not isinstance(doc, list):
+    elif not isinstance(doc, list | Iterator):
         yield 0, Reject(source, 0, f"expected a JSON array of objects, got {_json_type(doc)}")
         return
     for index, item in enumerate(doc, 1):
@@ -258,6 +265,38 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
                     source, index, f"array element {index} is {_json_type(item)}, not an object"
                 ),
             )
+
+
+_JSON_SPACE = " \t\n\r"
+_DECODER = json.JSONDecoder()
+
+
+def _array_items(text: str) -> Iterator[Any]:
+    """The elements of the JSON array `text`, decoded one by one; a malformed text raises the
+    JSONDecodeError (message and position) that `json.loads(text)` raises."""
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in _JSON_SPACE:
+            i += 1
+        return i
+
+    i = skip(skip(0) + 1)  # past "["
+    if i < len(text) and text[i] == "]":
+        i += 1
+    else:
+        while True:
+            item, i = _DECODER.raw_decode(text, i)
+            yield item
+            i = skip(i)
+            if i < len(text) and text[i] == ",":
+                i = skip(i + 1)
+                continue
+            if i < len(text) and text[i] == "]":
+                i += 1
+                break
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    if skip(i) != len(text):
+        raise json.JSONDecodeError("Extra data", text, skip(i))
 
 
 def _is_squad(doc: Any) -> bool:

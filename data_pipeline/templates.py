@@ -156,6 +156,9 @@ def _field(record: dict[str, Any], name: str) -> Any:
 
 
 def _text(record: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
+    value = record.get(name)
+    if type(value) is str and (text := value.strip()):  # the common case first: one check
+        return text
     value = _field(record, name)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise TemplateError(f"field {name!r} must be text, got {type(value).__name__}")
@@ -166,6 +169,11 @@ def _text(record: dict[str, Any], name: str, *, allow_empty: bool = False) -> st
 
 
 def _int_label(record: dict[str, Any], name: str, allowed: range) -> int:
+    value = record.get(name)
+    if type(value) is int and value in allowed:  # the common cases first: one check
+        return value
+    if type(value) is str and value.isascii() and value.isdigit() and int(value) in allowed:
+        return int(value)
     value = _field(record, name)
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):

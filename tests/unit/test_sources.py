@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -366,3 +367,32 @@ def test_delimited_fast_path_equals_the_csv_module() -> None:
                 ), (text, delimiter, literal)
     # Quoted fields still go through the csv module.
     assert _delimited_rows('a,b\n"x\ny",2\n', ",", False) == [(1, ["a", "b"]), (2, ["x\ny", "2"])]
+
+
+def test_json_array_decoded_element_by_element_equals_json_loads() -> None:
+    """A top-level JSON array is decoded one element at a time (a worker never holds every
+    record of a big file); its elements, and for a malformed text the error message and
+    position that end up in rejects.jsonl, must be json.loads's."""
+    import random
+
+    from data_pipeline.sources import _array_items
+
+    rng = random.Random(0)
+    pieces = ["[", "]", ",", " ", "\n", "1", '"a"', '{"x": 1}', "{", "}", "null", "x", "[1,2]"]
+    pieces += ['"', "\r", ":", "2.5e3", "NaN", "\t"]
+    compared = 0
+    for _ in range(20000):
+        text = (
+            rng.choice(["", " ", "\n "]) + "[" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))
+        )
+        try:
+            expected: tuple[Any, ...] = ("ok", json.loads(text))
+        except json.JSONDecodeError as e:
+            expected = ("error", e.msg, e.pos)
+        try:
+            got: tuple[Any, ...] = ("ok", list(_array_items(text)))
+        except json.JSONDecodeError as e:
+            got = ("error", e.msg, e.pos)
+        assert got == expected, text
+        compared += expected[0] == "error"
+    assert compared > 1000  # malformed texts were among them
