@@ -68,8 +68,10 @@ EXEMPLARS = "exemplars"
 RANGES_PER_FILE = 8
 MIN_CHUNK_BYTES = 64 << 10
 CHUNK_BYTES = 512 << 10
-# A worker renders and tokenizes a unit this many records at a time (see ShardWorker._process).
+# A worker renders and tokenizes a unit this many records at a time, and sends its output on
+# in tables of about OUTPUT_BYTES (see ShardWorker._tables).
 RECORDS_PER_BATCH = 1024
+OUTPUT_BYTES = 8 << 20
 # Nominal gzip ratio of text, to size the ranges of a .gz file from its compressed size.
 GZIP_RATIO = 3
 LINE_FORMATS = ("jsonl", "tsv")
@@ -265,22 +267,36 @@ class ShardWorker:
         self.train_text = train_text
 
     def _process(self, unit: dict[str, Any]) -> pa.Table:
-        """One unit, a batch of RECORDS_PER_BATCH records at a time: the Python objects of a
-        batch (texts, token lists) are freed once it is an Arrow table, so a worker's memory
-        is bounded by the batch, not by the unit."""
-        tables = []
+        """One unit as one table (`_tables` concatenated)."""
+        tables = list(self._tables(unit))
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def _tables(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
+        """One unit, RECORDS_PER_BATCH records at a time, as tables of about OUTPUT_BYTES.
+
+        The Python objects of a batch (texts, token lists) are freed once it is an Arrow
+        table, and the tables leave the worker as they fill, so a worker's memory is bounded
+        by the batch, not by the unit (a JSON array or Parquet file comes whole).
+        """
+        pending: list[pa.Table] = []
+        size, processed = 0, False
         batch: list[sources.Parsed] = []
         for item in _records(unit):
             batch.append(item)
             if len(batch) == RECORDS_PER_BATCH:
-                tables.append(self._process_batch(unit, batch))
-                batch = []
-        if not tables and not batch and unit.get("whole", False):
+                pending.append(self._process_batch(unit, batch))
+                batch, processed = [], True
+                size += pending[-1].nbytes
+                if size >= OUTPUT_BYTES:
+                    yield pa.concat_tables(pending)
+                    pending, size = [], 0
+        if not processed and not batch and unit.get("whole", False):
             # An empty input among good ones is most likely a mistake: say so, at line 0.
             batch = [(0, Reject(unit["path"], 0, "empty file: no records"))]
-        if batch or not tables:
-            tables.append(self._process_batch(unit, batch))
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if batch or not processed:
+            pending.append(self._process_batch(unit, batch))
+        if pending:
+            yield pa.concat_tables(pending)
 
     def _process_batch(self, unit: dict[str, Any], batch: list[sources.Parsed]) -> pa.Table:
         src_idx = unit["source"]
@@ -356,7 +372,7 @@ class ShardWorker:
 def _run_units(
     units: list[dict[str, Any]], worker_args: dict[str, Any], n_workers: int, cpus: float
 ) -> Iterator[pa.Table]:
-    """Each unit's table, in unit order, computed by Ray tasks on at most `n_workers` CPUs.
+    """The units' tables, in unit order, computed by Ray tasks on at most `n_workers` CPUs.
 
     Plain Ray tasks rather than Ray Data: its streaming executor polls for finished tasks
     and hands out the next unit only after a round trip, which left each worker idle 0.3 to
@@ -365,46 +381,57 @@ def _run_units(
     started worker processes, where the built ShardWorker stays cached (`process_unit`), so
     a prepare does not start processes and rebuild the tokenizer.
 
-    Memory stays bounded: at most 2 x `n_workers` + 1 units are in flight or finished and
-    waiting for their turn in the object store. A task whose worker dies is retried by Ray;
-    an exception in one fails the prepare.
+    Each task is a streaming generator: a unit's output leaves the worker in tables of about
+    OUTPUT_BYTES. At most 2 x `n_workers` + 1 units are in flight or finished and waiting
+    for their turn in the object store, so memory is bounded. A task whose worker dies is
+    retried by Ray (which replays the generator and skips what was already delivered); an
+    exception in one fails the prepare.
     """
     import ray
 
-    remote = ray.remote(process_unit).options(num_cpus=cpus, max_retries=3)
+    remote = ray.remote(process_unit).options(num_cpus=cpus, max_retries=3, num_returns="streaming")
     key, args_ref = _worker_key(worker_args), ray.put(worker_args)
     # Whole files (JSON arrays, Parquet: not cut into ranges), biggest first, are submitted
     # before the ranges, so that a big one is not the last task, run by one worker while the
     # others idle; the results still come back in unit order.
     size = [u["end"] - u["start"] if u.get("whole") else -1 for u in units]
     order = deque(sorted(range(len(units)), key=lambda i: -size[i]))
-    refs: dict[int, Any] = {}  # submitted and not yet yielded
-    running: set[Any] = set()
+    streams: dict[int, Any] = {}  # submitted and not yet taken whole
+    running: set[Any] = set()  # the completion refs of tasks still running
     gz = _GzRanges()
 
     def submit(i: int) -> None:
         order.popleft() if order[0] == i else order.remove(i)
         unit = {**units[i], "data": gz.read(units[i])} if units[i].get("gz") else units[i]
-        refs[i] = remote.remote(unit, key, args_ref)
-        running.add(refs[i])
+        streams[i] = remote.remote(unit, key, args_ref)
+        running.add(streams[i].completed())
 
     try:
         for head in range(len(units)):
             while True:
                 # Fill the free CPU slots: the unit to yield next first, then the rest in
                 # order while the window has room.
-                while len(running) < n_workers and (head not in refs or order):
-                    if head not in refs:
+                while len(running) < n_workers and (head not in streams or order):
+                    if head not in streams:
                         submit(head)
-                    elif len(refs) < 2 * n_workers:
+                    elif len(streams) < 2 * n_workers:
                         submit(order[0])
                     else:
                         break
-                if head in refs and refs[head] not in running:
-                    break
-                done, _ = ray.wait(list(running), num_returns=1)
+                stream = streams.get(head)
+                if stream is not None:
+                    while stream.next_ready() and (ref := next(stream, None)) is not None:
+                        yield ray.get(ref)
+                    if stream.is_finished():
+                        break
+                    if stream.completed() not in running:  # ended: the rest is on its way
+                        yield from (ray.get(ref) for ref in stream)
+                        break
+                # Until the head has more output or any task ends (a slot to refill).
+                waitables = list(running) + ([stream] if stream is not None else [])
+                done, _ = ray.wait(waitables, num_returns=1)
                 running.difference_update(done)
-            yield ray.get(refs.pop(head))
+            del streams[head]
     finally:
         gz.close()
 
@@ -412,15 +439,16 @@ def _run_units(
 _WORKERS: dict[str, ShardWorker] = {}
 
 
-def process_unit(unit: dict[str, Any], key: str, worker_args: dict[str, Any]) -> pa.Table:
-    """The Ray task: `ShardWorker(**worker_args)._process(unit)`, with the worker built once
-    per process and settings (`key`), so that later tasks and later prepare runs in the same
-    Ray session skip building the tokenizer. One is kept: new settings replace it."""
+def process_unit(unit: dict[str, Any], key: str, worker_args: dict[str, Any]) -> Iterator[pa.Table]:
+    """The Ray task (a streaming generator): `ShardWorker(**worker_args)._tables(unit)`, with
+    the worker built once per process and settings (`key`), so that later tasks and later
+    prepare runs in the same Ray session skip building the tokenizer. One is kept: new
+    settings replace it."""
     worker = _WORKERS.get(key)
     if worker is None:
         _WORKERS.clear()
         worker = _WORKERS[key] = ShardWorker(**worker_args)
-    return worker._process(unit)
+    yield from worker._tables(unit)
 
 
 def _worker_key(worker_args: dict[str, Any]) -> str:

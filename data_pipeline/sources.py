@@ -219,7 +219,7 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
         return
     text = text.removeprefix(_BOM)
     try:
-        if text.lstrip(_JSON_SPACE).startswith("["):
+        if _FIRST_JSON_CHAR.match(text) is not None:
             # A top-level array: check it whole, then decode it again an element at a time,
             # so that a worker never holds every record of a big file at once.
             for _ in _array_items(text):
@@ -268,6 +268,7 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
 
 
 _JSON_SPACE = " \t\n\r"
+_FIRST_JSON_CHAR = re.compile(r"[ \t\n\r]*\[")  # a top-level array (no copy of the text)
 _DECODER = json.JSONDecoder()
 
 
