@@ -218,6 +218,7 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                 f"written. See {kept_rejects}" + (f"; first: {_fmt_reject(first)}" if first else "")
             )
         keep, stats = _select(cfg, spilled)
+        del spilled["pk_hi"], spilled["pk_lo"]  # the selection was their only use
         manifest = _write_dataset(cfg, tmp, out_dir, keep, spilled, stats, config_hash, tok_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
@@ -806,8 +807,10 @@ def _write_dataset(
         info["per_task"] = {n: int(counts[i]) for i, n in enumerate(names)}
         splits[name] = info
         if name == "train" and cfg.data.exemplars:
-            ck = (spilled["ck_hi"][in_split][kept], spilled["ck_lo"][in_split][kept])
-            exemplars = _write_exemplars(tmp, table, kept, ck, names, cfg.data.exemplars)
+            rows = np.flatnonzero(in_split)[kept]  # the kept train rows among all rows
+            ck = (spilled["ck_hi"], spilled["ck_lo"])
+            exemplars = _write_exemplars(tmp, table, kept, rows, ck, names, cfg.data.exemplars)
+            del rows
             digest.update(f"exemplars:{json.dumps(exemplars, sort_keys=True)}".encode())
         del table
         release()
@@ -880,27 +883,66 @@ def exemplar_rows(
     return [order[a : min(b, a + k)] for a, b in zip(starts, ends, strict=True)]
 
 
+def exemplar_rows_in_slices(
+    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    n: int,
+    n_groups: int,
+    k: int,
+    slice_rows: int,
+) -> list[np.ndarray]:
+    """`exemplar_rows` over `n` rows loaded `slice_rows` at a time, in bounded memory.
+
+    Each slice keeps its candidates: a group's k lowest keys overall are among the k lowest of
+    the slices that hold them. The candidates are then chosen among in row order, so that of
+    equal keys the first occurrence still wins: the result equals `exemplar_rows` on all rows.
+
+    Args:
+        load: Row indices -> their (ck_hi, ck_lo, groups).
+        n: Number of rows.
+        n_groups: Number of groups.
+        k: Exemplars per group.
+        slice_rows: Rows loaded at a time.
+
+    Returns:
+        As `exemplar_rows`.
+    """
+    candidates = [np.zeros(0, np.int64)]
+    for start in range(0, n, slice_rows):
+        part = np.arange(start, min(n, start + slice_rows))
+        chosen = exemplar_rows(*load(part), n_groups, k)
+        candidates.append(part[np.concatenate(chosen)] if chosen else part[:0])
+    picks = np.sort(np.concatenate(candidates))
+    return [picks[c] for c in exemplar_rows(*load(picks), n_groups, k)]
+
+
 def _write_exemplars(
     tmp: str,
     table: pa.Table,
     kept: np.ndarray,
+    rows: np.ndarray,
     ck: tuple[np.ndarray, np.ndarray],
     names: list[str],
     k: int,
 ) -> dict[str, Any]:
     """`exemplars/<task>.jsonl`: up to `k` kept train rows per task as rendered text.
 
-    Only the chosen rows' text is read from the (memory-mapped) train spill. Every task gets a
-    file, empty when it has no train rows (e.g. a source pinned to test).
+    `kept` indexes the train spill and `rows` the same rows among all rows (the content keys
+    `ck`); the choice loads PACK_WINDOW rows at a time. Only the chosen rows' text is read
+    from the (memory-mapped) train spill. Every task gets a file, empty when it has no
+    train rows (e.g. a source pinned to test).
     """
     tasks = sorted(set(names))
     task_of_source = np.asarray([tasks.index(n) for n in names], np.int64)
-    groups = task_of_source[table.column("source").to_numpy()[kept]]
-    chosen = exemplar_rows(ck[0], ck[1], groups, len(tasks), k)
+    source = table.column("source").to_numpy()
+
+    def load(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return ck[0][rows[part]], ck[1][rows[part]], task_of_source[source[kept[part]]]
+
+    chosen = exemplar_rows_in_slices(load, len(kept), len(tasks), k, PACK_WINDOW)
     os.makedirs(os.path.join(tmp, EXEMPLARS))
     out: dict[str, Any] = {}
-    for task, rows in zip(tasks, chosen, strict=True):
-        picked = _take(table, kept[rows], ["prompt", "reference"]).to_pylist()
+    for task, mine in zip(tasks, chosen, strict=True):
+        picked = _take(table, kept[mine], ["prompt", "reference"]).to_pylist()
         lines = [json.dumps({"prompt": r["prompt"], "completion": r["reference"]}) for r in picked]
         rel = f"{EXEMPLARS}/{task}.jsonl"
         with open(os.path.join(tmp, rel), "w") as f:

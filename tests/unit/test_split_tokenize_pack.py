@@ -18,7 +18,12 @@ from data_pipeline.pack import (
     packing_efficiency,
     position_ids_from_seq_lens,
 )
-from data_pipeline.prepare import _isin128, exemplar_rows, first_occurrences
+from data_pipeline.prepare import (
+    _isin128,
+    exemplar_rows,
+    exemplar_rows_in_slices,
+    first_occurrences,
+)
 from data_pipeline.sources import Reject, detect_format, parse_bytes
 from data_pipeline.split import SPLITS, assign_split, content_key, record_key, validate_ratios
 from data_pipeline.templates import render
@@ -441,3 +446,20 @@ def test_exemplar_rows_lowest_distinct_keys_per_group() -> None:
         [(hi[i], lo[i]) for i in r] for r in chosen
     ]
     assert [r.tolist() for r in exemplar_rows(hi, lo, groups, 3, k=0)] == [[], [], []]
+
+
+def test_exemplar_rows_in_slices_equal_exemplar_rows() -> None:
+    """The driver picks exemplars a slice at a time (bounded memory); the result must be
+    exemplar_rows on all rows, ties (a key seen twice) included."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n, n_groups, k = int(rng.integers(0, 200)), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        hi, lo = (rng.integers(0, 6, n).astype(np.uint64) for _ in range(2))
+        groups = rng.integers(0, n_groups, n)
+        expected = exemplar_rows(hi, lo, groups, n_groups, k)
+
+        def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return hi[rows], lo[rows], groups[rows]
+
+        got = exemplar_rows_in_slices(load, n, n_groups, k, int(rng.integers(1, 50)))
+        assert [g.tolist() for g in got] == [e.tolist() for e in expected]
