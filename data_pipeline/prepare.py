@@ -76,9 +76,9 @@ OUTPUT_BYTES = 8 << 20
 GZIP_RATIO = 3
 LINE_FORMATS = ("jsonl", "tsv")
 ROWS_PER_SHARD = 50_000
-# Packed rows are built and written this many at a time (a divisor of ROWS_PER_SHARD, so a
-# slice never straddles two shard files).
-PACK_SLICE_ROWS = 5_000
+# Rows are built and written max(1, SLICE_TOKENS // max_seq_len) at a time, so that the
+# copies a slice takes stay a few MiB whatever the size of the split.
+SLICE_TOKENS = 1 << 18
 # Best-fit decreasing runs over windows of this many examples (in input order).
 PACK_WINDOW = 65_536
 # The tokenizer's identity is every file in its folder except model weights (too big to hash).
@@ -774,9 +774,11 @@ def _write_dataset(
         info: dict[str, Any] = {**tokenize.token_stats(lengths, loss_tokens)}
         schema = TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
         writer = _ShardWriter(os.path.join(tmp, name), schema)
+        per_slice = max(1, SLICE_TOKENS // capacity)
         if name == "test" or not cfg.data.packing:
+            multi_file = spilled["multi_file"]
             for batch in _plain_batches(
-                table, kept, names, spilled["multi_file"], with_text=(name == "test")
+                table, kept, names, multi_file, with_text=(name == "test"), per_slice=per_slice
             ):
                 writer.write(batch)
                 release()
@@ -789,8 +791,8 @@ def _write_dataset(
                 window = lengths[first : first + PACK_WINDOW]
                 bins = pack.best_fit_decreasing(window.tolist(), capacity)
                 n_bins += len(bins)
-                for start in range(0, len(bins), PACK_SLICE_ROWS):
-                    part = bins[start : start + PACK_SLICE_ROWS]
+                for start in range(0, len(bins), per_slice):
+                    part = bins[start : start + per_slice]
                     writer.write(_packed_batch(table, kept[first:], window, part))
                     release()
             info["packed"] = True
@@ -1012,15 +1014,20 @@ def _take(table: pa.Table, rows: np.ndarray, columns: list[str]) -> pa.Table:
 
 
 def _plain_batches(
-    table: pa.Table, kept: np.ndarray, names: list[str], multi_file: set[int], with_text: bool
+    table: pa.Table,
+    kept: np.ndarray,
+    names: list[str],
+    multi_file: set[int],
+    with_text: bool,
+    per_slice: int,
 ) -> Iterator[pa.Table]:
     """Unpacked rows in input order, one example per row, a slice at a time.
 
     A test row's `id` is `<task>-<line>`, or `<task>-<file index>-<line>` for a source of
     several files (the index in the sorted file list), so that ids are unique.
     """
-    for start in range(0, len(kept), PACK_SLICE_ROWS):
-        rows = _take(table, kept[start : start + PACK_SLICE_ROWS], SPILL_COLUMNS)
+    for start in range(0, len(kept), per_slice):
+        rows = _take(table, kept[start : start + per_slice], SPILL_COLUMNS)
         lengths = _list_lengths(rows.column("input_ids"))
         cols: dict[str, Any] = {
             "input_ids": rows.column("input_ids").combine_chunks(),

@@ -458,7 +458,9 @@ def test_exemplar_rows_in_slices_equal_exemplar_rows() -> None:
         groups = rng.integers(0, n_groups, n)
         expected = exemplar_rows(hi, lo, groups, n_groups, k)
 
-        def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def load(
+            rows: np.ndarray, hi: np.ndarray = hi, lo: np.ndarray = lo, groups: np.ndarray = groups
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             return hi[rows], lo[rows], groups[rows]
 
         got = exemplar_rows_in_slices(load, n, n_groups, k, int(rng.integers(1, 50)))
