@@ -326,8 +326,7 @@ class ShardWorker:
         rejects.sort(key=lambda r: r[0])  # length rejects are found last; report in file order
         # What stays per record in Python: the two text hashes, the split, and the text kept
         # for the test split (generation inputs) and for exemplar candidates.
-        first_text = np.zeros(len(rendered) + 1, np.int64)
-        np.cumsum([2 * len(t) for t in rendered], out=first_text[1:])
+        first_text = built.text_start
         kept = built.kept.tolist()
         codes = np.empty(len(kept), np.int8)
         keys: list[bytes] = []

@@ -109,6 +109,7 @@ class Batch:
     loss_tokens: np.ndarray  # int32 per kept row: learned labels
     kept: np.ndarray  # int64 indices of the examples built
     errors: dict[int, LengthError]  # example index -> why it was rejected
+    text_start: np.ndarray  # int64, n + 1: where each example's texts start in `ids`
 
 
 def build_batch(
@@ -202,7 +203,7 @@ def build_batch(
         labels[offsets[j] : offsets[j + 1]] = row_labels
     learned = (labels != IGNORE_INDEX).astype(np.int64)
     loss_tokens = np.add.reduceat(learned, offsets[:-1]) if len(kept) else np.zeros(0, np.int64)
-    return Batch(input_ids, labels, offsets, loss_tokens.astype(np.int32), kept, errors)
+    return Batch(input_ids, labels, offsets, loss_tokens.astype(np.int32), kept, errors, text_start)
 
 
 def prompt_ids_for_generation(
