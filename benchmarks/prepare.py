@@ -178,7 +178,7 @@ def _map_batch(batch: dict[str, list[Any]], template: str) -> dict[str, list[Any
     """Template + tokenize + mask one batch with ift's own code (`tokenize_turns`), the
     tokenizer loaded through transformers."""
     from data_pipeline import templates
-    from data_pipeline.prepare import tokenize_turns
+    from data_pipeline.worker import tokenize_turns
 
     tok = _tokenizer()
     keys = list(batch)

@@ -57,12 +57,44 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(items) for items in bins]
 
 
-def pack_rows(rows: list[tuple[list[int], list[int]]], capacity: int) -> list[dict[str, list[int]]]:
-    """Concatenate examples into packed rows using ``best_fit_decreasing``.
+def pack_bins(
+    labels: np.ndarray, example_lens: np.ndarray, bin_sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed rows from examples laid out bin after bin: the one packing implementation.
 
-    The first label of every example is set to ``-100``: in a packed row it would otherwise be
-    the target of the previous example's last token. (``build_example`` already masks it, bos
-    or prompt, unless an example has neither.)
+    The examples' tokens, concatenated in bin order, are the packed rows' tokens as they are;
+    only the labels change: the first label of every example is set to ``IGNORE_INDEX``,
+    since in a packed row it would otherwise be the target of the previous example's last
+    token (``build_example`` already masks it, BOS or prompt, unless an example has neither).
+
+    Args:
+        labels: The examples' labels, concatenated in bin order (not modified).
+        example_lens: Each example's length, in the same order.
+        bin_sizes: How many consecutive examples each packed row holds (each >= 1).
+
+    Returns:
+        ``(labels, token_offsets, member_offsets)``: the packed labels, and per row the offsets
+        of its tokens (into the concatenated tokens) and of its examples (into
+        ``example_lens``, which is each row's ``seq_lens`` once cut at these offsets).
+    """
+    example_lens = np.asarray(example_lens, np.int64)
+    bin_sizes = np.asarray(bin_sizes, np.int64)
+    packed = np.array(labels, copy=True)
+    starts = np.zeros(len(example_lens), np.int64)
+    np.cumsum(example_lens[:-1], out=starts[1:])
+    packed[starts] = IGNORE_INDEX
+    member_offsets = np.zeros(len(bin_sizes) + 1, np.int64)
+    np.cumsum(bin_sizes, out=member_offsets[1:])
+    token_offsets = np.zeros(len(bin_sizes) + 1, np.int64)
+    if len(bin_sizes):
+        np.cumsum(np.add.reduceat(example_lens, member_offsets[:-1]), out=token_offsets[1:])
+    return packed, token_offsets, member_offsets
+
+
+def pack_rows(rows: list[tuple[list[int], list[int]]], capacity: int) -> list[dict[str, list[int]]]:
+    """Concatenate examples into packed rows: ``best_fit_decreasing``, then ``pack_bins``.
+
+    The list form of what prepare does over Arrow columns (see ``pack_bins`` for the labels).
 
     Args:
         rows: ``(input_ids, labels)`` per example.
@@ -78,19 +110,23 @@ def pack_rows(rows: list[tuple[list[int], list[int]]], capacity: int) -> list[di
     for index, (ids, example_labels) in enumerate(rows):
         if len(ids) != len(example_labels):
             raise ValueError(f"example {index}: {len(ids)} ids but {len(example_labels)} labels")
-    packed = []
-    for members in best_fit_decreasing([len(ids) for ids, _ in rows], capacity):
-        input_ids: list[int] = []
-        labels: list[int] = []
-        seq_lens: list[int] = []
-        for index in members:
-            ids, example_labels = rows[index]
-            input_ids.extend(ids)
-            labels.append(IGNORE_INDEX)
-            labels.extend(example_labels[1:])
-            seq_lens.append(len(ids))
-        packed.append({"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens})
-    return packed
+    bins = best_fit_decreasing([len(ids) for ids, _ in rows], capacity)
+    members = [i for b in bins for i in b]
+    example_lens = np.asarray([len(rows[i][0]) for i in members], np.int64)
+    flat_ids = np.asarray([t for i in members for t in rows[i][0]], np.int64)
+    packed, tokens_at, members_at = pack_bins(
+        np.asarray([t for i in members for t in rows[i][1]], np.int64),
+        example_lens,
+        np.asarray([len(b) for b in bins], np.int64),
+    )
+    return [
+        {
+            "input_ids": flat_ids[tokens_at[r] : tokens_at[r + 1]].tolist(),
+            "labels": packed[tokens_at[r] : tokens_at[r + 1]].tolist(),
+            "seq_lens": example_lens[members_at[r] : members_at[r + 1]].tolist(),
+        }
+        for r in range(len(bins))
+    ]
 
 
 def packing_efficiency(packed: list[dict[str, list[int]]], capacity: int) -> float:

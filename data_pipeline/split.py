@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Callable, Mapping
 
 SPLITS = ("train", "validation", "test")
+# A split as one int8 in the prepare job's tables (its index in SPLITS).
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 Turns = list[tuple[str, str]]
 _TOLERANCE = 1e-6
 

@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipeline import inputs
 from data_pipeline import prepare as prep
+from data_pipeline.fingerprint import config_hash
+from data_pipeline.manifest import MANIFEST
+from data_pipeline.schedule import run_units
+from data_pipeline.sources import detect_format
+from data_pipeline.tokenizer import tokenizer_spec
+from data_pipeline.worker import OUTPUT_BYTES, ShardWorker
 from launcher.config import from_dict, resolve_paths
 from tests.ray_local import start_local_ray
 
@@ -31,6 +38,9 @@ DATA = ASSETS / "data"
 TOKENIZER = ASSETS / "models" / "stories260K"
 
 pytestmark = pytest.mark.integration
+
+# main_config's output (tokens, labels, test text, exemplars) as commit 7d58db9 wrote it.
+PINNED_FINGERPRINT = "ef71b8871703c8f7242d416c822f22c63ef09bb24902c07b351f07739ba2bbc1"
 
 
 def _quiet(_: str) -> None:
@@ -151,8 +161,13 @@ def one_worker(local_ray, work: Path) -> tuple[Any, dict[str, Any]]:
 def test_same_fingerprint_with_1_and_2_workers(two_workers, one_worker) -> None:
     (cfg2, m2, _), (cfg1, m1) = two_workers, one_worker
     # The glob source is 2 files, one gzipped, cut into line ranges: more units than workers.
-    assert len(prep._units([prep._expand(s.path, s.format, 0) for s in cfg2.data.sources])) > 5
+    assert (
+        len(inputs.plan_units([inputs.expand(s.path, s.format, 0) for s in cfg2.data.sources])) > 5
+    )
     assert m1["fingerprint"] == m2["fingerprint"]
+    # The content hash of every shard and exemplar as the single-module prepare.py (before the
+    # package split, commit 7d58db9) wrote them: restructuring the job must not change a byte.
+    assert m1["fingerprint"] == PINNED_FINGERPRINT
     assert m1["config_hash"] != m2["config_hash"]  # other input paths; same bytes
     assert m1["splits"] == m2["splits"]
     for name in ("train", "validation", "test"):
@@ -211,7 +226,7 @@ def test_exemplars_same_with_1_and_2_workers_lowest_hashes_of_train(
         render = templates.renderer(src.template, src.params)
         candidates = set()
         for path in sorted(Path(src.path).parent.glob(Path(src.path).name)):
-            fmt = prep.detect_format(str(path))
+            fmt = detect_format(str(path))
             raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
             for _, rec in parse_bytes(raw, str(path), fmt):
                 if isinstance(rec, Reject):
@@ -338,21 +353,21 @@ def test_packed_equals_unpacked_as_token_multisets(two_workers, work: Path) -> N
 
 def test_any_change_recomputes(one_worker, two_workers, tmp_path: Path) -> None:
     cfg, before = one_worker
-    base = prep._config_hash(cfg, _files(cfg), str(TOKENIZER))
+    base = config_hash(cfg, _files(cfg), str(TOKENIZER))
     assert base == before["config_hash"]
     # Template params, settings, tokenizer: each gives a new hash.
     changed = cfg.model_copy(deep=True)
     changed.data.sources[0].params = {"phrasings": True}
-    assert prep._config_hash(changed, _files(changed), str(TOKENIZER)) != base
+    assert config_hash(changed, _files(changed), str(TOKENIZER)) != base
     changed = cfg.model_copy(deep=True)
     changed.data.max_seq_len = 128
-    assert prep._config_hash(changed, _files(changed), str(TOKENIZER)) != base
+    assert config_hash(changed, _files(changed), str(TOKENIZER)) != base
     other_tok = tmp_path / "tok"
     shutil.copytree(TOKENIZER, other_tok)
     config = json.loads((other_tok / "tokenizer_config.json").read_text())
     config["model_max_length"] = 77
     (other_tok / "tokenizer_config.json").write_text(json.dumps(config))
-    assert prep._config_hash(cfg, _files(cfg), str(other_tok)) != base
+    assert config_hash(cfg, _files(cfg), str(other_tok)) != base
     # The data: change one byte of one input file and run for real.
     part = Path(cfg.data.sources[0].path).parent / "part-0.tsv"
     text = part.read_bytes()
@@ -365,7 +380,7 @@ def test_any_change_recomputes(one_worker, two_workers, tmp_path: Path) -> None:
 
 
 def _files(cfg: Any) -> list[list[tuple[str, str]]]:
-    return [prep._expand(s.path, s.format, i) for i, s in enumerate(cfg.data.sources)]
+    return [inputs.expand(s.path, s.format, i) for i, s in enumerate(cfg.data.sources)]
 
 
 BAD = [
@@ -415,7 +430,7 @@ def test_bad_input_keeps_every_good_record_and_reports_every_bad_one(local_ray, 
 def test_too_many_rejects_fails_and_leaves_the_old_output(local_ray, work: Path) -> None:
     out = work / "bad"  # written by the previous test
     data_dir = out / "data"
-    if not (data_dir / prep.MANIFEST).exists():
+    if not (data_dir / MANIFEST).exists():
         prep.prepare(bad_config(out, max_reject_fraction=0.6), log=_quiet)
     before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
     with pytest.raises(prep.PrepareError, match="max_reject_fraction") as err:
@@ -428,7 +443,7 @@ def test_too_many_rejects_fails_and_leaves_the_old_output(local_ray, work: Path)
     fresh = work / "bad_fresh"
     with pytest.raises(prep.PrepareError):
         prep.prepare(bad_config(fresh, max_reject_fraction=0.1), log=_quiet)
-    assert not (fresh / "data" / prep.MANIFEST).exists()
+    assert not (fresh / "data" / MANIFEST).exists()
     assert (fresh / "data.rejects.jsonl").exists()
 
 
@@ -453,22 +468,22 @@ def test_ray_tasks_give_every_unit_in_order_as_in_process(local_ray, work: Path)
         {"path": str(folder / "b_sst2.tsv"), "template": "sst2", "name": "sst2_tsv"},
     ]
     cfg = main_config(folder, work / "order_out", num_workers=2, sources=sources)
-    files = [prep._expand(s.path, s.format, i) for i, s in enumerate(cfg.data.sources)]
-    units = prep._units(files)
+    files = [inputs.expand(s.path, s.format, i) for i, s in enumerate(cfg.data.sources)]
+    units = inputs.plan_units(files)
     assert len(units) >= 3 and units[0]["whole"]
     args = {
         "sources": [s.model_dump(mode="json") for s in cfg.data.sources],
-        "tokenizer": prep.tokenizer_spec(str(TOKENIZER)),
+        "tokenizer": tokenizer_spec(str(TOKENIZER)),
         "max_seq_len": 256,
         "truncation": "left",
         "seed": 0,
         "ratios": {"train": 0.8, "validation": 0.1, "test": 0.1},
         "train_text": True,
     }
-    worker = prep.ShardWorker(**args)
+    worker = ShardWorker(**args)
     expected = [worker._process(u) for u in units]
-    assert expected[0].nbytes > prep.OUTPUT_BYTES
-    got = list(prep._run_units(units, args, n_workers=2, cpus=1.0))
+    assert expected[0].nbytes > OUTPUT_BYTES
+    got = list(run_units(units, args, n_workers=2, cpus=1.0))
     assert len(got) > len(units)  # the big unit came in pieces
     assert pa.concat_tables(got).equals(pa.concat_tables(expected))
     # Pieces never mix units: each holds rows of one source and part, in line order.

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipeline import inputs as prep_inputs
 from data_pipeline import prepare as prep
 from launcher.config import from_dict, resolve_paths
 from tests.ray_local import start_local_ray
@@ -192,14 +193,14 @@ def rejects(data_dir: str, inputs: str) -> list[dict[str, Any]]:
 
 def test_s3_glob_folder_and_file_give_the_local_result(prepared, work: Path) -> None:
     (local_cfg, local), (s3_cfg, remote) = prepared["local"], prepared["s3"]
-    files = [prep._expand(s.path, s.format, i) for i, s in enumerate(s3_cfg.data.sources)]
+    files = [prep_inputs.expand(s.path, s.format, i) for i, s in enumerate(s3_cfg.data.sources)]
     inputs = f"s3://{BUCKET}/in"
     assert files == [
         [(f"{inputs}/sst2/part-0.tsv", "tsv"), (f"{inputs}/sst2/part-1.tsv.gz", "tsv")],
         [(f"{inputs}/chat/demo.jsonl.gz", "jsonl")],  # .keep skipped
         [(f"{inputs}/alpaca.json", "json")],
     ]
-    units = prep._units(files)
+    units = prep_inputs.plan_units(files)
     # Read over S3 in line ranges: train.tsv at byte offsets, the .gz one in its stream.
     assert sum(u["path"].endswith("part-0.tsv") for u in units) == 2
     assert [u["gz"] for u in units if u["path"].endswith("demo.jsonl.gz")] == [True, True]
@@ -248,7 +249,7 @@ def test_glob_matching_nothing_names_the_key(s3: S3, work: Path) -> None:
     # A `datasets` save_to_disk folder is read from local disk only: say so.
     s3.client.put_object(Bucket=BUCKET, Key="hf/train/dataset_info.json", Body=b"{}")
     with pytest.raises(prep.PrepareError, match="save_to_disk folder; only a local"):
-        prep._expand(f"s3://{BUCKET}/hf/train", None, 0)
+        prep_inputs.expand(f"s3://{BUCKET}/hf/train", None, 0)
 
 
 def test_options_in_the_query_reach_every_file(
@@ -258,17 +259,17 @@ def test_options_in_the_query_reach_every_file(
     of the glob, so that the workers reopen them on the same store."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     query = f"?endpoint_override={s3.endpoint.removeprefix('http://')}&scheme=http"
-    files = prep._expand(f"s3://{BUCKET}/in/**/*.gz{query}", None, 0)
+    files = prep_inputs.expand(f"s3://{BUCKET}/in/**/*.gz{query}", None, 0)
     assert files == [
         (f"s3://{BUCKET}/in/chat/demo.jsonl.gz{query}", "jsonl"),
         (f"s3://{BUCKET}/in/sst2/part-1.tsv.gz{query}", "tsv"),
     ]
     for (uri, fmt), name in zip(files, ("chat/demo.jsonl.gz", "sst2/part-1.tsv.gz"), strict=True):
-        units = prep._units([[(uri, fmt)]])
+        units = prep_inputs.plan_units([[(uri, fmt)]])
         stored = (work / "in" / name).read_bytes()
         # Line ranges of the decompressed stream, or the whole file as stored.
         expected = gzip.decompress(stored) if units[0]["gz"] else stored
-        assert b"".join(prep._read_unit(u) for u in units) == expected
+        assert b"".join(prep_inputs.read_unit(u) for u in units) == expected
 
 
 def test_changed_object_recomputes(s3: S3, prepared) -> None:

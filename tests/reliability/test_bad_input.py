@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline import prepare as prep
+from data_pipeline.manifest import MANIFEST
 from launcher.config import from_dict, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +227,7 @@ def test_only_empty_files_is_a_clear_prepare_error(local_ray, tmp_path: Path) ->
     with pytest.raises(prep.PrepareError, match="1 of 1 records rejected") as err:
         prep.prepare(resolve_paths(from_dict(raw)), log=lambda _: None)
     assert "empty file" in str(err.value) and "no dataset written" in str(err.value)
-    assert not (tmp_path / "out" / "data" / prep.MANIFEST).exists()
+    assert not (tmp_path / "out" / "data" / MANIFEST).exists()
 
 
 # --- bad configs through the real CLI ----------------------------------------------------------

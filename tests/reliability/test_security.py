@@ -204,7 +204,7 @@ REMOTE_CODE_PROBE = """
 import json, sys
 from pathlib import Path
 folder, marker = Path(sys.argv[1]), Path(sys.argv[2])
-from data_pipeline.prepare import load_tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from launcher.config import ModelConfig
 refused = []
 try:  # ift's tokenizer loader with the config default (trust_remote_code: false)

@@ -18,11 +18,11 @@ from data_pipeline.pack import (
     packing_efficiency,
     position_ids_from_seq_lens,
 )
-from data_pipeline.prepare import (
-    _isin128,
+from data_pipeline.selection import (
     exemplar_rows,
     exemplar_rows_in_slices,
     first_occurrences,
+    isin128,
 )
 from data_pipeline.sources import Reject, detect_format, parse_bytes
 from data_pipeline.split import SPLITS, assign_split, content_key, record_key, validate_ratios
@@ -307,7 +307,7 @@ def test_128_bit_key_helpers_equal_plain_python() -> None:
         assert sorted(first_occurrences(hi, lo).tolist()) == sorted(first.values())
         held = rng.random(n) < 0.2
         held_pairs = {p for p, h in zip(pairs, held, strict=True) if h}
-        got = _isin128(hi, lo, hi[held], lo[held]).tolist()
+        got = isin128(hi, lo, hi[held], lo[held]).tolist()
         assert got == [p in held_pairs for p in pairs]
 
 

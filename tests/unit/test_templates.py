@@ -520,13 +520,15 @@ def test_chat_uses_the_tokenizers_chat_template(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from data_pipeline import prepare, tokenize
+    from data_pipeline import tokenize
+    from data_pipeline.tokenizer import make_encoder, tokenizer_spec
+    from data_pipeline.worker import ShardWorker
 
     folder = chat_tokenizer(tmp_path / "tok", template, as_file)
-    spec = prepare.tokenizer_spec(str(folder))
+    spec = tokenizer_spec(str(folder))
     assert spec["chat_template"] == (CHAT_TEMPLATES / template).read_text()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    encode = prepare.make_encoder(spec)
+    encode = make_encoder(spec)
     chat = templates.tokenizer_chat_template(spec["chat_template"], spec["special_tokens"])
     render_chat = templates.renderer("chat", chat_template=chat)
     bos, eos = tok.bos_token, tok.eos_token
@@ -567,7 +569,7 @@ def test_chat_uses_the_tokenizers_chat_template(
         expected.append((input_ids, labels))
     # The prepare job's worker (no Ray needed to call it) renders with the same template.
     path = DATA / "instruction" / "v1_sft_demo.jsonl"
-    worker = prepare.ShardWorker(
+    worker = ShardWorker(
         sources=[{"template": "chat", "params": {}, "split": "train"}],
         tokenizer=spec,
         max_seq_len=10_000,
