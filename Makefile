@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: run test test-reliability lint bench clean install
+.PHONY: run test test-reliability lint bench clean install gpu-check
 
 install: $(VENV)/.installed
 
@@ -35,12 +35,28 @@ lint: install
 	$(VENV)/bin/ruff format --check launcher training data_pipeline eval tests benchmarks
 	$(VENV)/bin/mypy
 
-BENCHMARKS := $(filter-out benchmarks/table.py,$(wildcard benchmarks/[!_]*.py))
+# gpu.py needs a CUDA device: `make gpu-check` runs it.
+BENCHMARKS := $(filter-out benchmarks/table.py benchmarks/gpu.py,$(wildcard benchmarks/[!_]*.py))
 
 bench: install
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH_SPEC)"
 	@# As modules from the repo root: run as files, benchmarks/eval.py would hide the eval package.
 	@set -e; for f in $(BENCHMARKS); do echo "== $$f"; $(PY) -m benchmarks.$$(basename $$f .py); done
 	$(PY) -m benchmarks.table
+
+# The GPU check, on a machine with one CUDA device and its own torch/transformers/peft (no venv,
+# no network). Installs nothing from anywhere: DeepSpeed, pydantic and hjson, when they do not
+# import, come from the wheels `benchmarks/gpu_bundle.sh` built where pip works (carried along),
+# unpacked into a local folder. Writes benchmarks/results/gpu.json.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= build/gpu-wheels
+GPU_SITE ?= build/gpu-site
+gpu-check:
+	@if ! $(GPU_PYTHON) -c "import deepspeed, pydantic, hjson" 2>/dev/null; then \
+	  test -d $(GPU_WHEELS) || { echo "no $(GPU_WHEELS): run benchmarks/gpu_bundle.sh where pip works, and carry it"; exit 1; }; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; \
+	fi
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu
 
 clean:
 	rm -rf runs mlflow.db mlartifacts .pytest_cache

@@ -54,6 +54,7 @@ def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
 
     from training import data as tdata
+    from training import loss as tloss
     from training.mlflow_logger import MetricLogger
     from training.train import optimizer_step
 
@@ -65,6 +66,8 @@ def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
         config=spec["ds_config"],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
     )
+    # As `train_worker` does: the same loss (train.loss's default) and batch layout.
+    tloss.install(engine.module, "chunked", max_tokens=spec["micro"] * spec["max_seq_len"])
     engine.train()
     tracking = spec.get("tracking") if rank == 0 else None
     logger = MetricLogger(**(tracking or {"tracking_uri": None, "run_id": None}))
@@ -105,9 +108,14 @@ def run_deepspeed(spec: dict[str, Any]) -> dict[str, Any]:
 def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from training import batch as tbatch
     from training import data as tdata
 
     split = tdata.load_split(spec["data_dir"], spec["manifest"], "train")
+    model = _model(spec["model"])
+    # The batches ift hands the same model (its layout for the model's attention); the Trainer
+    # computes its own loss from their `labels`.
+    layout = tbatch.layout_for(model.config._attn_implementation)
 
     class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
@@ -116,8 +124,8 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
         def __getitem__(self, i: int) -> int:
             return i
 
-    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
-        return tdata.collate(split, idx, pad_id=0)
+    def collate(idx: list[int]) -> tbatch.Batch:
+        return tbatch.collate(split.rows(idx), 0, layout)
 
     times: list[float] = []
     tokens: list[int] = []
@@ -151,7 +159,7 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
     )
     trainer = Trainer(
-        model=_model(spec["model"]),
+        model=model,
         args=args,
         train_dataset=Rows(),
         data_collator=collate,
@@ -159,7 +167,7 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     )
     trainer.train()
     # Tokens per optimizer step: every rank's micro-batches are as big as ift's, on average.
-    mean_row = sum(len(x) for x in split.input_ids) / len(split)
+    mean_row = int(split.row_tokens[-1]) / len(split)
     tokens = [int(mean_row * spec["gb"])] * len(times)
     return {"step_seconds": times, "step_tokens": tokens}
 

@@ -1,42 +1,66 @@
-"""Benchmark `ift prepare` against `datasets.map` and the raw tokenizer, in one run.
+"""Benchmark `ift prepare` against `datasets.map`, TRL's SFTTrainer and the raw tokenizer, and
+its time and memory at 1x, 10x and 100x the input, in one run.
 
-    python benchmarks/prepare.py [--repeat 2] [--scale 10]
+    python -m benchmarks.prepare        # the full run: --scales 1,10,100 --repeat 3
+    python -m benchmarks.prepare --scales 1,2 --repeat 1 --records 3000 --out /tmp/p.json
 
 Input: the real SST-2 train set (60,614 phrases, gzipped TSV) and the Alpaca demo (999
-records), tokenized with GPT-2 at max_seq_len 512 (see benchmarks/data/NOTICE.md). Measured:
+records), 61,613 records in all, tokenized with GPT-2 at max_seq_len 512 (see
+benchmarks/data/NOTICE.md). `--records N` keeps only the first N SST-2 phrases (for quick
+checks; every figure is then on that smaller input). Every timing below is the median of
+`--repeat` runs; each run's figure is kept in `measurements`.
 
-* ift: `prepare()` on a local Ray with 2 CPUs. Ray start-up is reported on its own; the first
-  prepare (cold: Ray's worker processes import ift and build the tokenizer, the driver
-  imports transformers) too; the steady-state time is the best of the later runs (workers
-  warm), each into a fresh output folder so nothing is reused.
+* ift: `prepare()` on a local Ray with 2 CPUs, each run into a fresh output folder so nothing
+  is reused. Ray start-up is reported on its own, and so is the first prepare (cold: Ray's
+  worker processes import ift and build the tokenizer, the driver imports transformers); the
+  steady-state time is the median of the later runs (workers warm).
+* scale: the same at each of `--scales` (1x, 10x, 100x = 6.16M records): the inputs repeated,
+  copy k of each record given a " (k)" suffix on its text so that dedupe keeps it (the 100x
+  input is ~300 MB: written once per run into a temp folder and deleted at the end).
+  Peak memory (RSS of the driver and of the Ray workers, and its anonymous part, sampled every
+  20 ms) comes from one more run per scale of its own, as the sampler takes CPU.
 * datasets.map: `load_dataset` of the same files, then `map(batched=True, num_proc=2)` doing
   the same templates (ift's own), tokenization (the same tokenizer, via transformers) and
-  prompt masking (ift's own `tokenize_turns`, as the workers call it); best of `--repeat`
-  runs, caching off.
+  prompt masking (ift's own `tokenize_turns`, as the workers call it); caching off.
+* TRL: `SFTTrainer` dataset preparation as a new user gets it: the same records rendered
+  with ift's own templates into a prompt/completion `Dataset` (rendering not timed), then
+  `SFTTrainer(model, SFTConfig(max_length=512, packing=True, packing_strategy="bfd",
+  completion_only_loss=True, dataset_num_proc=2, use_cpu=True), train_dataset=...,
+  processing_class=<the GPT-2 tokenizer>)`, whose constructor runs `_prepare_dataset` (add
+  EOS, tokenize prompt and prompt+completion, completion mask -> labels, BFD packing), all
+  `datasets.map` with num_proc=2. The model is a 1-layer GPT-2 of width 8 built in memory
+  before the clock starts (no model load is timed). One untimed constructor on 64 records
+  first pays the one-off imports (DeepSpeed, accelerate); the constructor's own cost without
+  data (the same call on 2 already tokenized rows with `skip_prepare_dataset`, median of
+  `--repeat`) is subtracted from each timed run, so the TRL time is dataset preparation only.
+  Run last, after Ray is shut down, so that its imports do not inflate the driver's memory.
 * ceiling: `tokenizers` `encode_batch` of the same prompt and completion texts, already
   rendered, with its Rust thread pool on both cores: tokenization alone, no I/O, no Python.
-* packing efficiency of the train split at 512, and peak memory (RSS of the driver and of
-  the Ray workers, sampled every 20 ms in runs of their own, as the sampler takes CPU) on
-  the input and on the input repeated `--scale` times (each copy's text given a suffix so
-  that dedupe keeps it).
+* packing efficiency at 512: ift's train split (from its manifest), and TRL's packed dataset
+  (tokens / (rows x 512), over all records: TRL has no split).
 
-Writes benchmarks/results/prepare.json and prints a table. The CPUs of the machine may be
-shared with other jobs: compare ratios taken in the same run, not times across runs.
+Writes benchmarks/results/prepare.json (or `--out`) and prints a table. The CPUs of the
+machine may be shared with other jobs: compare ratios taken in the same run, not times across
+runs. The full run takes about 30 to 45 minutes on 2 quiet cores, most of it the four 100x
+prepares (3 timed, 1 sampled).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +79,110 @@ TOKENIZER = DATA / "gpt2"
 RESULTS = HERE / "results" / "prepare.json"
 MAX_SEQ_LEN = 512
 CPUS = 2
+MIB = 1 << 20
 
 # Ray workers tokenize on the one CPU each was given; the ceiling turns the pool back on.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> int:
+    args = parse_args()
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="ift-bench-prepare-"))
+    try:
+        sst2, alpaca = base_inputs(work, args.records)
+        pairs = rendered_pairs(sst2, alpaca)
+        records = len(pairs)
+        texts = [t for pair in pairs for t in pair]
+
+        ceiling = [run_ceiling(texts) for _ in range(args.repeat)]
+        print(f"ceiling {[round(t, 2) for t, _ in ceiling]} s", flush=True)
+        hf = [run_datasets_map(sst2, alpaca, work / "hf_cache") for _ in range(args.repeat)]
+        print(f"datasets.map {[round(t, 2) for t, _ in hf]} s", flush=True)
+
+        # The scaled inputs are written before Ray starts, so writing them competes with nothing.
+        inputs = {1: (sst2, alpaca)}
+        for scale in args.scales[1:]:
+            t0 = time.perf_counter()
+            inputs[scale] = scaled_inputs(work, sst2, alpaca, scale)
+            size = sum(p.stat().st_size for p in inputs[scale]) / MIB
+            print(f"x{scale} input: {size:.0f} MiB in {time.perf_counter() - t0:.0f} s", flush=True)
+
+        t0 = time.perf_counter()
+        ray.init(
+            address="local",
+            num_cpus=CPUS,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+        t_ray = time.perf_counter() - t0
+        t_cold, _ = run_ift(sst2, alpaca, work / "ift")
+        print(f"ift cold {t_cold:.2f} s (ray.init {t_ray:.1f} s)", flush=True)
+        scales: dict[int, dict[str, Any]] = {}
+        for scale in args.scales:
+            runs = [run_ift(*inputs[scale], work / "ift") for _ in range(args.repeat)]
+            rss = peak_memory(*inputs[scale], work / "ift")
+            scales[scale] = {
+                "runs_s": [t for t, _ in runs],
+                "manifest": runs[-1][1],
+                "rss": rss,
+                "input_mib": sum(p.stat().st_size for p in inputs[scale]) / MIB,
+            }
+            print(
+                f"ift x{scale} {[round(t, 2) for t, _ in runs]} s, peak anonymous memory "
+                f"driver {rss.driver_anon / MIB:.0f} MiB, total {rss.total_anon / MIB:.0f} MiB",
+                flush=True,
+            )
+        ray.shutdown()
+        # TRL last: it imports torch, DeepSpeed and accelerate into this process, which would
+        # add a constant to the driver memory sampled above and flatten its growth.
+        trl = run_trl(pairs, work / "trl", args.repeat)
+        print(f"trl {trl['runs_s']} s (constructor without data {trl['overhead_s']} s)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = report(args, records, t_ray, t_cold, scales, ceiling, hf, trl)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--scales",
+        type=lambda s: sorted({int(x) for x in s.split(",")}),
+        default=[1, 10, 100],
+        help="input sizes, as multiples of the input, comma separated; must include 1",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (median)")
+    parser.add_argument(
+        "--records", type=int, default=None, help="keep only the first N SST-2 phrases (checks)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    args = parser.parse_args()
+    problems = []
+    if not args.scales or args.scales[0] != 1:
+        problems.append("--scales must include 1 and be positive")
+    if args.repeat < 1:
+        problems.append("--repeat must be at least 1")
+    if args.records is not None and args.records < 1:
+        problems.append("--records must be at least 1")
+    if importlib.util.find_spec("trl") is None:
+        problems.append("TRL is not installed: pip install -e '.[bench]' (as `make bench` does)")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+# --- ift ------------------------------------------------------------------------------------
 
 
 def config(sst2: Path, alpaca: Path, out: Path) -> Any:
@@ -80,6 +203,21 @@ def config(sst2: Path, alpaca: Path, out: Path) -> Any:
         "tracking": {"enabled": False},
     }
     return resolve_paths(from_dict(raw))
+
+
+def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any]]:
+    """One prepare into a fresh folder, timed (no memory sampler running beside it); the
+    folder is deleted afterwards (the 100x output is several GB)."""
+    from data_pipeline.prepare import prepare
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = config(sst2, alpaca, out)
+    t0 = time.perf_counter()
+    manifest = prepare(cfg, log=lambda _: None)
+    elapsed = time.perf_counter() - t0
+    assert not manifest["reused"]
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed, manifest
 
 
 class PeakRss:
@@ -150,19 +288,6 @@ def _rss_anon(pid: str) -> int:
     return 0
 
 
-def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any]]:
-    """One prepare into a fresh folder, timed (no memory sampler running beside it)."""
-    from data_pipeline.prepare import prepare
-
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = config(sst2, alpaca, out)
-    t0 = time.perf_counter()
-    manifest = prepare(cfg, log=lambda _: None)
-    elapsed = time.perf_counter() - t0
-    assert not manifest["reused"]
-    return elapsed, manifest
-
-
 def peak_memory(sst2: Path, alpaca: Path, out: Path) -> PeakRss:
     """One more prepare with the RSS sampler on (its 50 Hz scans of the process tree take CPU,
     so the timed runs go without it)."""
@@ -209,7 +334,7 @@ def _tokenizer() -> Any:
     return _TOK
 
 
-def run_datasets_map(cache: Path) -> tuple[float, int]:
+def run_datasets_map(sst2_path: Path, alpaca_path: Path, cache: Path) -> tuple[float, int]:
     import datasets
 
     shutil.rmtree(cache, ignore_errors=True)
@@ -217,10 +342,10 @@ def run_datasets_map(cache: Path) -> tuple[float, int]:
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
     sst2 = datasets.load_dataset(
-        "csv", data_files=str(SST2), delimiter="\t", split="train", cache_dir=str(cache)
+        "csv", data_files=str(sst2_path), delimiter="\t", split="train", cache_dir=str(cache)
     )
     alpaca = datasets.load_dataset(
-        "json", data_files=str(ALPACA), split="train", cache_dir=str(cache)
+        "json", data_files=str(alpaca_path), split="train", cache_dir=str(cache)
     )
     rows = 0
     for ds, template in ((sst2, "sst2"), (alpaca, "alpaca")):
@@ -233,17 +358,74 @@ def run_datasets_map(cache: Path) -> tuple[float, int]:
             load_from_cache_file=False,
         )
         rows += len(mapped)
+    shutil.rmtree(cache, ignore_errors=True)
     return time.perf_counter() - t0, rows
 
 
-def rendered_texts() -> list[str]:
-    from data_pipeline import sources, templates
+def run_trl(pairs: list[tuple[str, str]], out: Path, repeat: int) -> dict[str, Any]:
+    """TRL's SFTTrainer dataset preparation of the (prompt, completion) pairs, `repeat` times
+    (see the module docstring for what is timed and what is subtracted)."""
+    import datasets
+    import pyarrow.compute as pc
+    import trl
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
 
-    texts = []
-    for path, fmt, template in ((SST2, "tsv", "sst2"), (ALPACA, "json", "alpaca")):
-        for _, rec in sources.parse_bytes(path.read_bytes(), str(path), fmt):
-            texts += [t for pair in templates.render(template, rec, {}) for t in pair]  # type: ignore[arg-type]
-    return texts
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    tok = _tokenizer()
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=1, n_embd=8, n_positions=MAX_SEQ_LEN, vocab_size=len(tok))
+    )
+    prompts, completions = (list(column) for column in zip(*pairs, strict=True))
+    data = datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+    def trainer(dataset: Any, **dataset_kwargs: Any) -> Any:
+        cfg = SFTConfig(
+            output_dir=str(out),
+            max_length=MAX_SEQ_LEN,
+            packing=True,
+            packing_strategy="bfd",
+            completion_only_loss=True,
+            dataset_num_proc=CPUS,
+            dataset_kwargs=dataset_kwargs or None,
+            use_cpu=True,
+            report_to="none",
+            seed=0,
+        )
+        return SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok)
+
+    trainer(data.select(range(min(64, len(data)))))  # one-off imports, untimed
+    tokenized = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 2, "labels": [[1, 2]] * 2})
+    overhead = [
+        _timed(lambda: trainer(tokenized, skip_prepare_dataset=True))[0] for _ in range(repeat)
+    ]
+    t_overhead = statistics.median(overhead)
+    runs, packed = [], None
+    for _ in range(repeat):
+        elapsed, built = _timed(lambda: trainer(data))
+        runs.append(elapsed - t_overhead)
+        packed = built.train_dataset
+    shutil.rmtree(out, ignore_errors=True)
+    assert packed is not None
+    tokens = pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py()
+    return {
+        "version": trl.__version__,
+        "records": len(data),
+        "runs_s": [round(t, 3) for t in runs],
+        "overhead_runs_s": [round(t, 3) for t in overhead],
+        "overhead_s": round(t_overhead, 3),
+        "s": statistics.median(runs),
+        "rows": len(packed),
+        "tokens": tokens,
+        "packing_efficiency": tokens / (len(packed) * MAX_SEQ_LEN),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
 
 
 def run_ceiling(texts: list[str]) -> tuple[float, int]:
@@ -261,19 +443,49 @@ def run_ceiling(texts: list[str]) -> tuple[float, int]:
     return elapsed, sum(len(e.ids) for e in encodings)
 
 
-def scaled_inputs(folder: Path, scale: int) -> tuple[Path, Path]:
-    """The inputs repeated `scale` times, each copy's text marked so dedupe keeps it."""
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def base_inputs(folder: Path, records: int | None) -> tuple[Path, Path]:
+    """The 1x inputs: the data files themselves, or the first `records` SST-2 phrases."""
+    if records is None:
+        return SST2, ALPACA
     lines = gzip.decompress(SST2.read_bytes()).decode().splitlines(keepends=True)
-    header, body = lines[0], lines[1:]
-    sst2 = folder / "sst2_x.tsv.gz"
+    sst2 = folder / "sst2_x1.tsv.gz"
     with gzip.open(sst2, "wt") as f:
+        f.writelines(lines[: records + 1])
+    return sst2, ALPACA
+
+
+def rendered_pairs(sst2: Path, alpaca: Path) -> list[tuple[str, str]]:
+    """Every record's (prompt, completion), rendered by ift's templates (one turn each)."""
+    from data_pipeline import sources, templates
+
+    pairs = []
+    for path, fmt, template in ((sst2, "tsv", "sst2"), (alpaca, "json", "alpaca")):
+        for _, rec in sources.parse_bytes(path.read_bytes(), str(path), fmt):
+            if isinstance(rec, sources.Reject):
+                continue
+            pairs += [tuple(pair) for pair in templates.render(template, rec, {})]
+    return pairs  # type: ignore[return-value]
+
+
+def scaled_inputs(
+    folder: Path, sst2_path: Path, alpaca_path: Path, scale: int
+) -> tuple[Path, Path]:
+    """The inputs repeated `scale` times, copy k of each record's text given a " (k)" suffix
+    (none on copy 0) so that dedupe keeps it."""
+    lines = gzip.decompress(sst2_path.read_bytes()).decode().splitlines(keepends=True)
+    header, body = lines[0], lines[1:]
+    rows = [line.rstrip("\n").rsplit("\t", 1) for line in body]
+    sst2 = folder / f"sst2_x{scale}.tsv.gz"
+    with gzip.open(sst2, "wt", compresslevel=6) as f:
         f.write(header)
-        for k in range(scale):
-            for line in body:
-                sentence, label = line.rstrip("\n").rsplit("\t", 1)
-                f.write(f"{sentence} ({k})\t{label}\n" if k else line)
-    records = json.loads(ALPACA.read_text())
-    alpaca = folder / "alpaca_x.json"
+        f.writelines(body)
+        for k in range(1, scale):
+            f.write("".join(f"{sentence} ({k})\t{label}\n" for sentence, label in rows))
+    records = json.loads(alpaca_path.read_text())
+    alpaca = folder / f"alpaca_x{scale}.json"
     alpaca.write_text(
         json.dumps(
             [
@@ -286,98 +498,93 @@ def scaled_inputs(folder: Path, scale: int) -> tuple[Path, Path]:
     return sst2, alpaca
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="steady-state runs of each")
-    parser.add_argument("--scale", type=int, default=10, help="input growth for the memory check")
-    args = parser.parse_args()
+# --- report ---------------------------------------------------------------------------------
 
-    import ray
 
-    work = Path(tempfile.mkdtemp(prefix="ift-bench-prepare-"))
-    try:
-        texts = rendered_texts()
-        records = sum(1 for _ in texts) // 2
-        ceiling = [run_ceiling(texts) for _ in range(args.repeat)]
-        t_ceiling, ceiling_tokens = min(ceiling)
-        print(f"ceiling {[round(t, 2) for t, _ in ceiling]} s", flush=True)
-
-        hf = [run_datasets_map(work / "hf_cache") for _ in range(args.repeat)]
-        t_datasets, datasets_rows = min(hf)
-        print(f"datasets.map {[round(t, 2) for t, _ in hf]} s", flush=True)
-
-        t0 = time.perf_counter()
-        ray.init(
-            address="local",
-            num_cpus=CPUS,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
-        t_ray = time.perf_counter() - t0
-        runs = [run_ift(SST2, ALPACA, work / f"ift{i}") for i in range(args.repeat + 1)]
-        t_cold, _ = runs[0]
-        print(f"ift {[round(r[0], 2) for r in runs]} s (ray.init {t_ray:.1f} s)", flush=True)
-        t_ift, manifest = min(runs[1:], key=lambda r: r[0])
-        rss_1x = peak_memory(SST2, ALPACA, work / "ift_mem")
-        big_sst2, big_alpaca = scaled_inputs(work, args.scale)
-        t_big, manifest_big = run_ift(big_sst2, big_alpaca, work / "ift_big")
-        print(f"ift x{args.scale} {t_big:.2f} s", flush=True)
-        rss_big = peak_memory(big_sst2, big_alpaca, work / "ift_big_mem")
-        ray.shutdown()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
+def report(
+    args: argparse.Namespace,
+    records: int,
+    t_ray: float,
+    t_cold: float,
+    scales: dict[int, dict[str, Any]],
+    ceiling: list[tuple[float, int]],
+    hf: list[tuple[float, int]],
+    trl: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON: every run's figure under `measurements`, medians compared under `ratios`."""
+    one = scales[1]
+    t_ift = statistics.median(one["runs_s"])
+    t_ceiling = statistics.median(t for t, _ in ceiling)
+    t_datasets = statistics.median(t for t, _ in hf)
+    manifest = one["manifest"]
     splits = manifest["splits"]
-    examples = sum(s["examples"] for s in splits.values())
-    tokens = sum(s["tokens"] for s in splits.values())
-    mib = 1 << 20
-    measurements = {
+    measurements: dict[str, Any] = {
         "records": records,
-        "ift_examples": examples,
-        "ift_tokens": tokens,
-        "ift_rejected": manifest["rejected"],
-        "ift_duplicates": manifest["duplicates"],
+        "repeat": args.repeat,
+        "ift_examples": sum(s["examples"] for s in splits.values()),
+        "ift_tokens": sum(s["tokens"] for s in splits.values()),
+        "ift_rejected": manifest.get("rejected"),
+        "ift_duplicates": manifest.get("duplicates"),
         "ray_init_s": round(t_ray, 3),
         "ift_cold_s": round(t_cold, 3),
+        "ift_runs_s": [round(t, 3) for t in one["runs_s"]],
         "ift_s": round(t_ift, 3),
         "ift_records_per_s": round(records / t_ift, 1),
-        "packing_efficiency_512": round(splits["train"]["packing_efficiency"], 5),
-        f"x{args.scale}_records": records * args.scale,
-        f"x{args.scale}_ift_s": round(t_big, 3),
-        f"x{args.scale}_ift_examples": sum(s["examples"] for s in manifest_big["splits"].values()),
-        f"x{args.scale}_packing_efficiency_512": round(
-            manifest_big["splits"]["train"]["packing_efficiency"], 5
-        ),
+        "packing_efficiency_ift_512": round(splits["train"]["packing_efficiency"], 5),
+        "packing_efficiency_trl_512": round(trl["packing_efficiency"], 5),
     }
-    for prefix, rss in (("", rss_1x), (f"x{args.scale}_", rss_big)):
+    for scale, run in scales.items():
+        prefix = "" if scale == 1 else f"x{scale}_"
+        if scale != 1:
+            big_splits = run["manifest"]["splits"]
+            measurements[f"{prefix}records"] = records * scale
+            measurements[f"{prefix}input_mib"] = round(run["input_mib"], 1)
+            measurements[f"{prefix}ift_runs_s"] = [round(t, 3) for t in run["runs_s"]]
+            measurements[f"{prefix}ift_s"] = round(statistics.median(run["runs_s"]), 3)
+            measurements[f"{prefix}ift_examples"] = sum(s["examples"] for s in big_splits.values())
+            measurements[f"{prefix}packing_efficiency_ift_512"] = round(
+                big_splits["train"]["packing_efficiency"], 5
+            )
         for part in ("driver", "workers", "total"):
-            measurements[f"{prefix}peak_rss_{part}_mib"] = round(getattr(rss, part) / mib, 1)
-            anon = getattr(rss, f"{part}_anon")
-            measurements[f"{prefix}peak_rss_anon_{part}_mib"] = round(anon / mib, 1)
+            measurements[f"{prefix}peak_rss_{part}_mib"] = round(getattr(run["rss"], part) / MIB, 1)
+            anon = getattr(run["rss"], f"{part}_anon")
+            measurements[f"{prefix}peak_rss_anon_{part}_mib"] = round(anon / MIB, 1)
     baselines = {
+        "datasets_map_num_proc2_runs_s": [round(t, 3) for t, _ in hf],
         "datasets_map_num_proc2_s": round(t_datasets, 3),
-        "datasets_map_rows": datasets_rows,
+        "datasets_map_rows": hf[0][1],
+        "trl_version": trl["version"],
+        "trl_records": trl["records"],
+        "trl_sfttrainer_prepare_runs_s": trl["runs_s"],
+        "trl_sfttrainer_prepare_s": round(trl["s"], 3),
+        "trl_sfttrainer_overhead_runs_s": trl["overhead_runs_s"],
+        "trl_sfttrainer_overhead_s": trl["overhead_s"],
+        "trl_packed_rows": trl["rows"],
+        "trl_tokens": trl["tokens"],
+        "tokenizers_encode_batch_runs_s": [round(t, 3) for t, _ in ceiling],
         "tokenizers_encode_batch_s": round(t_ceiling, 3),
-        "tokenizers_tokens": ceiling_tokens,
+        "tokenizers_tokens": ceiling[0][1],
     }
-    ratios = {
+    ratios: dict[str, float] = {
         "ratio_vs_datasets_map": round(t_datasets / t_ift, 3),
+        "ratio_vs_trl": round(trl["s"] / t_ift, 3),
         "ratio_vs_ceiling": round(t_ceiling / t_ift, 3),
         "ratio_cold_vs_datasets_map": round(t_datasets / t_cold, 3),
-        f"peak_rss_anon_total_x{args.scale}_over_x1": round(
-            rss_big.total_anon / rss_1x.total_anon, 3
-        ),
-        f"peak_rss_anon_driver_x{args.scale}_over_x1": round(
-            rss_big.driver_anon / rss_1x.driver_anon, 3
-        ),
-        f"peak_rss_total_x{args.scale}_over_x1": round(rss_big.total / rss_1x.total, 3),
-        f"time_x{args.scale}_over_x1": round(t_big / t_ift, 3),
     }
-    result = {
+    rss_1x = one["rss"]
+    for scale, run in scales.items():
+        if scale == 1:
+            continue
+        ratios[f"time_x{scale}_over_x1"] = round(statistics.median(run["runs_s"]) / t_ift, 3)
+        for name, part in (("anon_driver", "driver_anon"), ("anon_total", "total_anon")):
+            ratios[f"peak_rss_{name}_x{scale}_over_x1"] = round(
+                getattr(run["rss"], part) / getattr(rss_1x, part), 3
+            )
+        ratios[f"peak_rss_total_x{scale}_over_x1"] = round(run["rss"].total / rss_1x.total, 3)
+    return {
         "benchmark": "prepare",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python -m benchmarks.prepare", *sys.argv[1:]]),
         "machine": {
             "cpus_used": CPUS,
             "cpus_online": os.cpu_count(),
@@ -390,17 +597,26 @@ def main() -> int:
         "baselines": baselines,
         "ratios": ratios,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m, b = result["measurements"], result["baselines"]
+    records = m["records"]
     rows = [("what", "seconds", "records/s")]
-    for name, seconds in (
-        ("ray.init (once)", t_ray),
-        ("ift prepare, cold", t_cold),
-        ("ift prepare, steady", t_ift),
-        ("datasets.map num_proc=2", t_datasets),
-        ("tokenizers encode_batch", t_ceiling),
+    for name, seconds, n in (
+        ("ray.init (once)", m["ray_init_s"], records),
+        ("ift prepare, cold", m["ift_cold_s"], records),
+        ("ift prepare, steady", m["ift_s"], records),
+        ("datasets.map num_proc=2", b["datasets_map_num_proc2_s"], records),
+        (f"TRL {b['trl_version']} SFTTrainer prep", b["trl_sfttrainer_prepare_s"], records),
+        ("tokenizers encode_batch", b["tokenizers_encode_batch_s"], records),
+        *(
+            (f"ift prepare x{key[1:-6]}", m[key], m[f"{key[:-5]}records"])
+            for key in m
+            if key.startswith("x") and key.endswith("_ift_s")
+        ),
     ):
-        rows.append((name, f"{seconds:.2f}", f"{records / seconds:,.0f}"))
+        rows.append((name, f"{seconds:.2f}", f"{n / seconds:,.0f}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     for i, row in enumerate(rows):
         print(
@@ -411,15 +627,11 @@ def main() -> int:
         )
         if i == 0:
             print("  ".join("-" * w for w in width))
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps(result["ratios"], indent=2))
     print(
-        f"packing efficiency at {MAX_SEQ_LEN}: {measurements['packing_efficiency_512']:.4f}; "
-        f"peak anonymous memory driver+workers {rss_1x.total_anon / mib:.0f} MiB (x1) vs "
-        f"{rss_big.total_anon / mib:.0f} MiB (x{args.scale}); RSS {rss_1x.total / mib:.0f} vs "
-        f"{rss_big.total / mib:.0f} MiB"
+        f"packing efficiency at {MAX_SEQ_LEN}: ift {m['packing_efficiency_ift_512']:.4f}, "
+        f"TRL {m['packing_efficiency_trl_512']:.4f}"
     )
-    print(f"wrote {RESULTS}")
-    return 0
 
 
 if __name__ == "__main__":

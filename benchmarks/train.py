@@ -1,20 +1,46 @@
-"""Training benchmark: ift train vs a plain torchrun + DeepSpeed loop vs the HF Trainer, and
-ZeRO-3 vs ZeRO-0 memory, measured in one run.
+"""Training benchmark: ift train vs a plain torchrun + DeepSpeed loop vs the HF Trainer, a rank's
+memory and start-up as the train split grows 100-fold, and ZeRO-3 vs ZeRO-0 memory, in one run.
 
-    python benchmarks/train.py            # writes benchmarks/results/train.json
+    python benchmarks/train.py                                # benchmarks/results/train.json
+    python benchmarks/train.py --quick --out /tmp/train.json  # a check: x1/x10, 1 repeat
 
-Throughput: the same random-init Llama (~3M parameters, the stories260K tokenizer), the same
-packed quickstart data and DeepSpeed config (ZeRO-2, 2 CPU workers, gloo); steady-state
-tokens/s is the median over steps after a warm-up, so start-up costs are reported apart. Both
-loops do the same per-step work (the step, grad norm, LR, metrics logged to MLflow by rank 0) and
-time the same span (step end to step end). `ray_overhead` = 1 - ift / plain DeepSpeed, the plain
-loop run before and after ift and averaged. Memory: per-rank bytes of parameters, gradients and
-optimizer state after the first optimizer step and the second backward (the pinned point, see
-`_train_baselines.run_memory`) of a ~58M-parameter random-init Llama on 2 ranks.
+On 2 shared CPUs the full run takes ~20 min (15 to 25 with the load), --quick ~6 min.
+
+Data: the full SST-2 train set (`benchmarks/data/sst2_train.tsv.gz`, 60,614 phrases) prepared
+by ift (stories260K tokenizer, packed at 256: ~3.2M train tokens, "x1"). x10 and x100 are
+prepared-data folders whose train token store holds x1's packed rows (read back from prepare's
+Parquet shards) written 10 and 100 times with `TokenStoreWriter`, with a manifest like
+prepare's (counts scaled, the Parquet shards linked), so training reads them as it reads any
+prepared data; x100 is ~320M tokens.
+
+Throughput: the same random-init Llama (~3M parameters), the same x1 data and DeepSpeed config
+(ZeRO-2, 2 CPU workers, gloo); steady-state tokens/s is the median over steps after a warm-up,
+so start-up costs are reported apart. Both loops do the same per-step work (the step, grad
+norm, LR, metrics logged to MLflow by rank 0) and time the same span (step end to step end).
+Each repeat runs ift (x1), the plain loop, the HF Trainer, then ift on x10 and x100, each ift
+run on a fresh Ray; `ray_overhead` = 1 - ift / plain DeepSpeed and `ratio_vs_hf_trainer` =
+ift / HF Trainer are computed per repeat and reported as the median over repeats, every
+repeat's figures kept under `measurements.runs`.
+
+Scale: each ift run's train function is wrapped in its rank (`watched_worker`): a thread samples
+the rank's RssAnon (anonymous memory; the token store's mapped pages are the page cache's, not
+the rank's) from /proc/self/status every 10 ms, and the first return of
+`training.train.optimizer_step` is timed from the function's start (model load, DeepSpeed
+init, opening the split, the step). Per scale: time to the first step and tokens/s are medians
+over repeats; peak RssAnon is the largest rank's, the minimum over repeats, since from one
+process to the next the imports alone vary by ~130 MiB whatever the data (see
+benchmarks/token_store.py) and such noise only ever adds.
+
+Memory: per-rank bytes of parameters, gradients and optimizer state after the first optimizer
+step and the second backward (the pinned point, see `_train_baselines.run_memory`) of a
+~58M-parameter random-init Llama on 2 ranks.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import hashlib
 import json
 import os
 import platform
@@ -25,12 +51,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-WARMUP, MEASURED = 5, 20
+TRAIN_DATA = ROOT / "benchmarks" / "data" / "sst2_train.tsv.gz"
+MAX_SEQ_LEN = 256
+SAMPLE_S = 0.01
 SMALL = {
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -51,9 +82,39 @@ LARGE = {
     "max_position_embeddings": 512,
     "tie_word_embeddings": False,
 }
+TARGETS = {
+    "ray_overhead": "<= 0.05",
+    "ratio_vs_hf_trainer": ">= 1.0",
+    "rank_rss_x100_over_x1": "<= 1.10",
+    "first_step_x100_over_x1": "<= 1.5",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: steps per run (the first `warmup` not timed), repeats, data scales."""
+
+    warmup: int
+    measured: int
+    repeats: int
+    scales: tuple[int, ...]
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.measured
+
+
+FULL = Plan(warmup=5, measured=20, repeats=3, scales=(1, 10, 100))
+QUICK = Plan(warmup=2, measured=4, repeats=1, scales=(1, 10))
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps, 1 repeat, x1/x10 only: a check"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "train.json", help="result JSON")
+    args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -61,21 +122,21 @@ def main() -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     tmp = Path(tempfile.mkdtemp(prefix="ift-bench-train-"))
     try:
-        return run(tmp)
+        return run(tmp, QUICK if args.quick else FULL, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(tmp: Path) -> int:
+def run(tmp: Path, plan: Plan, out: Path) -> int:
+    import mlflow
     import ray
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from data_pipeline.prepare import prepare
-    from launcher.config import from_dict, resolve_paths
     from training.ds_config import build_ds_config
-    from training.train import train
 
+    t_begin = time.perf_counter()
     torch.manual_seed(0)
     model_dir = tmp / "model"
     LlamaForCausalLM(LlamaConfig(**SMALL, bos_token_id=1, eos_token_id=2)).save_pretrained(
@@ -84,104 +145,70 @@ def run(tmp: Path) -> int:
     AutoTokenizer.from_pretrained(ROOT / "tests/assets/models/stories260K").save_pretrained(
         model_dir
     )
-    cfg = resolve_paths(
-        from_dict(
-            {
-                "experiment": {"name": "bench", "output_dir": str(tmp / "out"), "seed": 0},
-                "model": {"name_or_path": str(model_dir)},
-                "data": {
-                    "sources": [
-                        {
-                            "path": str(ROOT / "tests/assets/quickstart/sst2_train.tsv"),
-                            "template": "sst2",
-                            "split": "train",
-                        }
-                    ],
-                    "max_seq_len": 256,
-                    "num_workers": 2,
-                },
-                "train": {
-                    "max_steps": WARMUP + MEASURED,
-                    "micro_batch_size": 4,
-                    "grad_accum": 2,
-                    "num_workers": 2,
-                    "lr": 1e-3,
-                    "schedule": "constant",
-                    "zero_stage": 2,
-                    "log_every": 1000,
-                },
-                "tracking": {"enabled": False},
-            }
-        )
-    )
-
-    def start_ray() -> None:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level="ERROR",
-        )
-
+    data_dirs = {scale: tmp / f"data_x{scale}" for scale in plan.scales}
+    cfg = config(tmp / "prepare", model_dir, data_dirs[1], plan.steps)
     start_ray()
-    manifest = prepare(cfg, log=lambda _: None)
+    manifests = {1: prepare(cfg, log=lambda _: None)}
     ray.shutdown()  # the plain loop runs without Ray's daemons, as a plain user's would
-    import mlflow
+    for scale in plan.scales[1:]:
+        t0 = time.perf_counter()
+        manifests[scale] = repeated_data(data_dirs[1], manifests[1], scale, data_dirs[scale])
+        took = time.perf_counter() - t0
+        print(f"x{scale}: {manifests[scale]['splits']['train']['tokens']} tokens ({took:.0f}s)")
 
     db = tmp / "mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp_id = client.create_experiment("bench")
-    ds = build_ds_config(cfg.train)
+
+    def tracking() -> dict[str, str]:
+        return {"tracking_uri": f"sqlite:///{db}", "run_id": client.create_run(exp_id).info.run_id}
+
     spec = {
-        "data_dir": cfg.data_dir,
-        "manifest": manifest,
+        "data_dir": str(data_dirs[1]),
+        "manifest": manifests[1],
         "model": str(model_dir),
-        "ds_config": ds,
-        "steps": WARMUP + MEASURED,
+        "ds_config": build_ds_config(cfg.train),
+        "steps": plan.steps,
         "seed": 0,
         "gb": cfg.train.global_batch(),
         "micro": 4,
+        "max_seq_len": MAX_SEQ_LEN,
         "accum": 2,
         "lr": 1e-3,
         "tmp": str(tmp / "hf"),
     }
 
-    def plain_loop() -> float:
-        run = client.create_run(exp_id).info.run_id
-        tracking = {"tracking_uri": f"sqlite:///{db}", "run_id": run}
-        return median_rate(torchrun("deepspeed", {**spec, "tracking": tracking}, tmp))
+    def ift(scale: int, name: str) -> dict[str, Any]:
+        run_cfg = config(tmp / name, model_dir, data_dirs[scale], plan.steps)
+        return ift_run(run_cfg, manifests[scale], tracking(), db, tmp / name / "probe", plan)
 
-    # plain, ift, plain: the mean of the two plain runs cancels a linear drift of the load on a
-    # shared machine over the ift run between them.
-    plain_tps_runs = [plain_loop()]
-    start_ray()
-    run_id = client.create_run(exp_id).info.run_id
-    t0 = time.perf_counter()
-    train(
-        cfg,
-        manifest,
-        tracking={"tracking_uri": f"sqlite:///{db}", "run_id": run_id},
-        log=lambda _: None,
-    )
-    ift_wall = time.perf_counter() - t0
-    ray.shutdown()
-    rates = [
-        v
-        for (v,) in sqlite3.connect(db).execute(
-            "select value from metrics where run_uuid=? and key='train/tokens_per_s' order by step",
-            (run_id,),
+    # Interleaved, so that a change of load on a shared machine hits every side alike; ift at
+    # x1 runs right before the baselines it is compared with.
+    runs: list[dict[str, Any]] = []
+    scale_runs: dict[int, list[dict[str, Any]]] = {scale: [] for scale in plan.scales}
+    for r in range(plan.repeats):
+        scale_runs[1].append(ift(1, f"ift-x1-{r}"))
+        plain = median_rate(
+            torchrun("deepspeed", {**spec, "tracking": tracking()}, tmp), plan.warmup
         )
-    ]
-    ift_tps = statistics.median(rates[WARMUP:])
-    plain_tps_runs.append(plain_loop())
-    plain_tps = statistics.mean(plain_tps_runs)
-    try:
-        hf = torchrun("hf", spec, tmp)
-        hf_tps: float | None = median_rate(hf)
-    except RuntimeError as e:  # reported, not hidden
-        print(f"HF Trainer baseline failed: {e}", file=sys.stderr)
-        hf_tps = None
+        try:
+            hf: float | None = median_rate(torchrun("hf", spec, tmp), plan.warmup)
+        except RuntimeError as e:  # reported, not hidden
+            print(f"HF Trainer baseline failed: {e}", file=sys.stderr)
+            hf = None
+        ift_tps = scale_runs[1][-1]["tokens_per_s"]
+        runs.append(
+            {
+                "ift_tokens_per_s": ift_tps,
+                "torchrun_deepspeed_tokens_per_s": plain,
+                "hf_trainer_deepspeed_tokens_per_s": hf,
+                "ray_overhead": 1 - ift_tps / plain,
+                "ratio_vs_hf_trainer": ift_tps / hf if hf else None,
+            }
+        )
+        for scale in plan.scales[1:]:
+            scale_runs[scale].append(ift(scale, f"ift-x{scale}-{r}"))
+        print(f"repeat {r + 1}/{plan.repeats}: {json.dumps(runs[-1])}")
 
     memory = {}
     for stage in (0, 3):
@@ -198,7 +225,13 @@ def run(tmp: Path) -> int:
         }
         memory[stage] = torchrun("memory", mem_spec, tmp)
 
-    result = {
+    scales = {f"x{s}": scale_summary(manifests[s], scale_runs[s]) for s in plan.scales}
+    x1 = scales["x1"]
+
+    def scale_ratio(key: str, scale: int) -> float | None:
+        return scales[f"x{scale}"][key] / x1[key] if f"x{scale}" in scales else None
+
+    result: dict[str, Any] = {
         "benchmark": "train",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
@@ -209,45 +242,297 @@ def run(tmp: Path) -> int:
             "workers": 2,
             "zero_stage": 2,
             "global_batch_rows": cfg.train.global_batch(),
-            "max_seq_len": 256,
-            "warmup_steps_excluded": WARMUP,
-            "measured_steps": MEASURED,
+            "max_seq_len": MAX_SEQ_LEN,
+            "train_data": f"{TRAIN_DATA.relative_to(ROOT)}, prepared by ift, repeated per scale",
+            "train_tokens": {k: v["tokens"] for k, v in scales.items()},
+            "warmup_steps_excluded": plan.warmup,
+            "measured_steps": plan.measured,
+            "repeats": plan.repeats,
+            "quick": plan != FULL,
             "memory_model_params": memory[0]["params"],
+            "rss_sample_interval_s": SAMPLE_S,
+            "benchmark_wall_s": None,  # filled in below
         },
         "measurements": {
-            "ift_tokens_per_s": ift_tps,
-            "ift_train_wall_s": ift_wall,
+            "ift_tokens_per_s": median([r["ift_tokens_per_s"] for r in runs]),
+            "ift_train_wall_s": median([r["train_wall_s"] for r in scale_runs[1]]),
+            **{f"ift_tokens_per_s_{k}": v["tokens_per_s"] for k, v in scales.items()},
+            **{f"first_step_s_{k}": v["first_step_s"] for k, v in scales.items()},
+            **{
+                f"rank_rss_anon_peak_mib_{k}": v["rank_rss_anon_peak_mib"]
+                for k, v in scales.items()
+            },
             "zero3_bytes_per_rank": max(memory[3]["bytes_per_rank"]),
             "zero3_grad_bytes_per_rank": max(memory[3]["grad_bytes_per_rank"]),
+            "runs": runs,
+            "scales": scales,
         },
         "baselines": {
-            "torchrun_deepspeed_tokens_per_s": plain_tps,
-            "hf_trainer_deepspeed_tokens_per_s": hf_tps,
-            "torchrun_deepspeed_tokens_per_s_before_ift": plain_tps_runs[0],
-            "torchrun_deepspeed_tokens_per_s_after_ift": plain_tps_runs[1],
+            "torchrun_deepspeed_tokens_per_s": median(
+                [r["torchrun_deepspeed_tokens_per_s"] for r in runs]
+            ),
+            "hf_trainer_deepspeed_tokens_per_s": median(
+                [r["hf_trainer_deepspeed_tokens_per_s"] for r in runs]
+            ),
             "zero0_bytes_per_rank": max(memory[0]["bytes_per_rank"]),
             "zero0_grad_bytes_per_rank": max(memory[0]["grad_bytes_per_rank"]),
         },
         "ratios": {
-            "ray_overhead": 1 - ift_tps / plain_tps,
-            "ratio_vs_hf_trainer": ift_tps / hf_tps if hf_tps else None,
+            "ray_overhead": median([r["ray_overhead"] for r in runs]),
+            "ratio_vs_hf_trainer": median([r["ratio_vs_hf_trainer"] for r in runs]),
+            "rank_rss_x100_over_x1": scale_ratio("rank_rss_anon_peak_mib", 100),
+            "first_step_x100_over_x1": scale_ratio("first_step_s", 100),
+            "tokens_per_s_x100_over_x1": scale_ratio("tokens_per_s", 100),
+            "rank_rss_x10_over_x1": scale_ratio("rank_rss_anon_peak_mib", 10),
+            "first_step_x10_over_x1": scale_ratio("first_step_s", 10),
+            "tokens_per_s_x10_over_x1": scale_ratio("tokens_per_s", 10),
             "zero3_memory_ratio": max(memory[3]["bytes_per_rank"])
             / max(memory[0]["bytes_per_rank"]),
             # The same without gradients (ZeRO-2/3 partition them; some would count them apart).
             "zero3_memory_ratio_without_grads": _no_grads(memory[3]) / _no_grads(memory[0]),
         },
+        "targets": TARGETS,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["setup"]["benchmark_wall_s"] = time.perf_counter() - t_begin
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for section in ("measurements", "baselines", "ratios"):
         for k, v in result[section].items():
-            print(f"{section:>12}  {k:<42} {v if v is None else f'{v:.4g}'}")
+            if v is None or isinstance(v, (int, float)):
+                print(f"{section:>12}  {k:<42} {v if v is None else f'{v:.4g}'}")
+    print(f"wrote {out} ({result['setup']['benchmark_wall_s']:.0f}s)")
     return 0
+
+
+def config(out: Path, model_dir: Path, data_dir: Path, steps: int) -> Any:
+    """The benchmark's ift config; every run has its own output folder (no reuse, no resume)."""
+    from launcher.config import from_dict, resolve_paths
+
+    return resolve_paths(
+        from_dict(
+            {
+                "experiment": {"name": "bench", "output_dir": str(out), "seed": 0},
+                "model": {"name_or_path": str(model_dir)},
+                "data": {
+                    "sources": [{"path": str(TRAIN_DATA), "template": "sst2", "split": "train"}],
+                    "max_seq_len": MAX_SEQ_LEN,
+                    "num_workers": 2,
+                    "output_dir": str(data_dir),
+                },
+                "train": {
+                    "max_steps": steps,
+                    "micro_batch_size": 4,
+                    "grad_accum": 2,
+                    "num_workers": 2,
+                    "lr": 1e-3,
+                    "schedule": "constant",
+                    "zero_stage": 2,
+                    "log_every": 1000,
+                },
+                "tracking": {"enabled": False},
+            }
+        )
+    )
+
+
+def start_ray() -> None:
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
+    )
+
+
+def repeated_data(src: Path, manifest: dict[str, Any], scale: int, dest: Path) -> dict[str, Any]:
+    """A prepared-data folder whose train split is `src`'s packed train rows `scale` times.
+
+    The rows come from prepare's own output (its Parquet shards) and go through the writer
+    prepare uses, so the store is what prepare would write for that data; the other splits are
+    copied. The manifest is prepare's with the train counts scaled, the shards linked `scale`
+    times, and a fingerprint of its own; it is written last, as prepare writes it.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.manifest import MANIFEST, PLAIN_SCHEMA, write_json_atomic
+    from data_pipeline.token_store import TokenStoreWriter
+
+    train = manifest["splits"]["train"]
+    store_path = train["store"]["path"]
+    shutil.copytree(src, dest, ignore=lambda d, names: [n for n in names if n == MANIFEST])
+    shutil.rmtree(dest / store_path)
+    shutil.rmtree(dest / "train")
+    (dest / "train").mkdir()
+    table = pa.concat_tables(
+        pq.read_table(src / f, columns=PLAIN_SCHEMA.names, schema=PLAIN_SCHEMA)
+        for f in train["files"]
+    )
+    writer = TokenStoreWriter(str(dest / store_path), vocab_size=train["store"]["vocab_size"])
+    files: list[str] = []
+    for _ in range(scale):
+        writer.write(table)
+        for f in train["files"]:
+            name = f"train/part-{len(files):05d}.parquet"
+            os.symlink(src / f, dest / name)
+            files.append(name)
+    index = writer.close()
+    out = copy.deepcopy(manifest)
+    counts = ("rows", "tokens", "loss_tokens", "examples", "packed_rows")
+    out["splits"]["train"] = {
+        **train,
+        **{k: train[k] * scale for k in counts if k in train},
+        "per_task": {k: v * scale for k, v in train.get("per_task", {}).items()},
+        "files": files,
+        "store": {"path": store_path, **index},
+    }
+    fingerprint = hashlib.sha256(f"{manifest['fingerprint']} x{scale}".encode()).hexdigest()
+    out["fingerprint"] = fingerprint
+    if (index["rows"], index["tokens"]) != (
+        out["splits"]["train"]["rows"],
+        train["tokens"] * scale,
+    ):
+        raise RuntimeError(f"x{scale} store has {index['rows']} rows, {index['tokens']} tokens")
+    write_json_atomic(str(dest / MANIFEST), out)
+    return out
+
+
+def ift_run(
+    cfg: Any,
+    manifest: dict[str, Any],
+    tracking: dict[str, str],
+    db: Path,
+    probe_dir: Path,
+    plan: Plan,
+) -> dict[str, Any]:
+    """One `training.train.train` on a fresh Ray, its train function watched in every rank."""
+    import ray
+
+    from training import train as ttrain
+
+    probe_dir.mkdir(parents=True)
+    start_ray()
+    # `train` hands its module's `train_worker` to the TorchTrainer: swap in the watched one
+    # for this call only (each rank imports the module afresh and runs the real one inside).
+    real = ttrain.train_worker
+    ttrain.train_worker = watched_worker(str(probe_dir))  # type: ignore[assignment]
+    t_call = time.time()
+    try:
+        ttrain.train(cfg, manifest, tracking=tracking, log=lambda _: None)
+    finally:
+        ttrain.train_worker = real
+        ray.shutdown()
+    wall = time.time() - t_call
+    ranks = sorted(
+        (json.loads(p.read_text()) for p in probe_dir.glob("rank-*.json")),
+        key=lambda r: r["rank"],
+    )
+    if len(ranks) != cfg.train.num_workers:
+        raise RuntimeError(f"{len(ranks)} of {cfg.train.num_workers} ranks reported")
+    rates = [
+        v
+        for (v,) in sqlite3.connect(db).execute(
+            "select value from metrics where run_uuid=? and key='train/tokens_per_s' order by step",
+            (tracking["run_id"],),
+        )
+    ]
+    mib = 1 / 1024
+    return {
+        "tokens_per_s": statistics.median(rates[plan.warmup :]),
+        "train_wall_s": wall,
+        # From the start of the rank's train function to the end of its first optimizer step,
+        # the slowest rank's; the driver's view adds Ray Train's start-up (actors, imports).
+        "first_step_s": max(r["first_step_at"] - r["started_at"] for r in ranks),
+        "first_step_from_driver_s": max(r["first_step_at"] for r in ranks) - t_call,
+        "rank_rss_anon_peak_mib": [r["rss_anon_peak_kib"] * mib for r in ranks],
+        "rank_rss_anon_at_first_step_mib": [r["rss_anon_first_step_kib"] * mib for r in ranks],
+        "rank_rss_anon_at_start_mib": [r["rss_anon_start_kib"] * mib for r in ranks],
+    }
+
+
+def watched_worker(probe_dir: str) -> Callable[[dict[str, Any]], None]:
+    """`training.train.train_worker`, run as is, with its rank's RssAnon sampled throughout and
+    the end of its first optimizer step timed; each rank writes `probe_dir/rank-<r>.json`.
+
+    Defined in this script, so Ray ships it by value; inside the rank it wraps the module's
+    `optimizer_step` (looked up by `train_worker` at each call) with a timer.
+    """
+
+    def run(config: dict[str, Any]) -> None:
+        import threading
+
+        from training import context
+        from training import train as ttrain
+
+        started = time.time()
+        probe: dict[str, float] = {
+            "rss_anon_start_kib": rss_anon_kib(),
+            "rss_anon_peak_kib": rss_anon_kib(),
+        }
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(SAMPLE_S):
+                probe["rss_anon_peak_kib"] = max(probe["rss_anon_peak_kib"], rss_anon_kib())
+
+        real_step = ttrain.optimizer_step
+
+        def timed_step(*args: Any, **kwargs: Any) -> Any:
+            out = real_step(*args, **kwargs)
+            if "first_step_at" not in probe:
+                probe["first_step_at"] = time.time()
+                probe["rss_anon_first_step_kib"] = rss_anon_kib()
+            return out
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        ttrain.optimizer_step = timed_step
+        try:
+            ttrain.train_worker(config)
+        finally:
+            ttrain.optimizer_step = real_step
+            done.set()
+            sampler.join()
+        probe["rss_anon_peak_kib"] = max(probe["rss_anon_peak_kib"], rss_anon_kib())
+        rank = context.get_context().get_world_rank()
+        record = {"rank": rank, "pid": os.getpid(), "started_at": started, **probe}
+        Path(probe_dir, f"rank-{rank}.json").write_text(json.dumps(record))
+
+    return run
+
+
+def rss_anon_kib() -> int:
+    """This process's anonymous resident memory (RssAnon): what it holds itself, without the
+    file pages it maps (the token store's are the page cache's) and without shared memory."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+def scale_summary(manifest: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repeats for times and rates; the minimum over repeats of the largest rank's
+    peak RssAnon (noise from one process to the next only ever adds to it)."""
+    return {
+        "tokens": manifest["splits"]["train"]["tokens"],
+        "rows": manifest["splits"]["train"]["rows"],
+        "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+        "first_step_s": median([r["first_step_s"] for r in runs]),
+        "rank_rss_anon_peak_mib": min(max(r["rank_rss_anon_peak_mib"]) for r in runs),
+        "runs": runs,
+    }
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def torchrun(mode: str, spec: dict, tmp: Path) -> dict:
     spec_path, out_path = tmp / f"{mode}.spec.json", tmp / f"{mode}.out.json"
     spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -272,9 +557,9 @@ def _no_grads(mem: dict) -> float:
     return max(b - g for b, g in pairs)
 
 
-def median_rate(out: dict) -> float:
+def median_rate(out: dict, warmup: int) -> float:
     rates = [n / s for n, s in zip(out["step_tokens"], out["step_seconds"], strict=True)]
-    return statistics.median(rates[WARMUP:])
+    return statistics.median(rates[warmup:])
 
 
 if __name__ == "__main__":

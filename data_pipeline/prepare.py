@@ -4,28 +4,31 @@
 
 `prepare()` is the driver and reads top to bottom; each step is a module of its own:
 
-1. `inputs`: expand each source to files and cut them into units (whole files, or
-   line-aligned ranges of one); `fingerprint.config_hash` decides whether an existing result
-   can be reused.
+1. `inputs`: expand each source to files and cut them into units (ranges of records:
+   quote-aware line ranges, JSON array elements, Parquet row groups, Arrow files, CoNLL
+   documents; whole files where no cut is safe). `fingerprint.config_hash` decides whether
+   an existing result can be reused, re-hashing only inputs whose size or mtime changed.
 2. `schedule.run_units` runs `worker.process_unit` as ordered Ray tasks: the workers do
    everything that is per record (parse, render the template, assign the split from a hash of
    the prompt and the seed, tokenize with the prompt masked) and return Arrow tables in input
    order.
-3. `spill.write_spill`: the driver appends each split's rows to a spill file on local disk and
-   keeps only a few numbers per row (content and prompt keys, source, split); it never turns a
+3. `spill.write_spill`: the driver appends each split's rows to a spill file on local disk,
+   each row's split and source to a row table and its content and prompt keys to
+   hash-partitioned bucket files; it holds nothing per record in memory and never turns a
    token into a Python object.
-4. `selection.select_rows`: dedupe, per-source caps and the train/test prompt-overlap check, as
-   array operations over those keys in input order.
-5. `write.write_dataset`: packing from the lengths alone, Parquet shards written a slice at a
-   time, exemplars, then the folder swapped into place and `manifest.json` (the contract in
-   `manifest`) written last.
+4. `selection.select_rows`: dedupe, per-source caps and the train/test prompt-overlap check,
+   one key bucket or one slice of the row table at a time, in input order.
+5. `write.write_dataset`: packing from the lengths alone, Parquet shards and token stores
+   written a window at a time, exemplars, then the folder published (`manifest.publish`) with
+   `manifest.json` (the contract in `manifest`) written last.
 
 The output depends only on the inputs and the config, never on the number of workers or the
 order in which tasks finish. docs/ARCHITECTURE.md describes the whole system.
 
-Crash safety: everything is written to a temporary folder that is moved into place, and
-`manifest.json` is written last, atomically. No manifest, no dataset. A rerun removes the
-temporary folders of killed runs.
+Crash safety: everything is written to a temporary folder that is moved into place (on an
+object store: uploaded under a new prefix, the previous dataset readable until then; see
+`manifest.publish`), and `manifest.json` is written last, atomically. No manifest, no dataset.
+A rerun removes the temporary folders of killed runs.
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from data_pipeline import fingerprint, split
+from data_pipeline import fingerprint, split, storage
 from data_pipeline.errors import PrepareError
 from data_pipeline.inputs import expand, plan_units
-from data_pipeline.manifest import REJECTS, read_manifest
+from data_pipeline.manifest import MANIFEST, REJECTS, read_manifest
 from data_pipeline.schedule import run_units
 from data_pipeline.selection import select_rows
-from data_pipeline.spill import SPILL, write_spill
+from data_pipeline.spill import CHECKPOINT_S, SPILL, resume_point, write_spill
 from data_pipeline.tokenizer import tokenizer_spec
-from data_pipeline.write import remove_stale_tmp, write_dataset
+from data_pipeline.write import stale_tmp_dirs, write_dataset
 
 __all__ = ["PrepareError", "prepare", "read_manifest"]
 
@@ -67,13 +70,20 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     out_dir = cfg.data_dir
     tok_path = cfg.model.tokenizer or cfg.model.name_or_path
     files = [expand(src.path, src.format, i) for i, src in enumerate(cfg.data.sources)]
-    config_hash = fingerprint.config_hash(cfg, files, tok_path)
     existing = read_manifest(out_dir)
+    # Only inputs whose size or mtime changed are read again (fingerprint.input_digests).
+    inputs = fingerprint.input_digests(files, (existing or {}).get("inputs"))
+    config_hash = fingerprint.config_hash(cfg, files, tok_path, inputs)
     if existing and existing.get("config_hash") == config_hash:
         log(
             f"[prepare] reusing {out_dir}: same inputs and settings "
             f"(fingerprint {existing['fingerprint'][:12]})"
         )
+        if inputs != existing.get("inputs"):
+            # Some inputs were hashed again (the racy window of fingerprint.input_digests):
+            # record it, so the next rerun reads nothing. Same data, same hash; atomic write.
+            existing = {**existing, "inputs": inputs}
+            storage.write_json(storage.join(out_dir, MANIFEST), existing)
         return {**existing, "reused": True}
 
     import ray
@@ -101,32 +111,45 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "ratios": dict(cfg.data.split),
         "train_text": cfg.data.exemplars > 0,
     }
-    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-    remove_stale_tmp(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, SPILL))
+    # Built on local disk (the spill must be), next to a local output so that it can be
+    # renamed into place; for an object store in the temp folder, then uploaded (`publish`).
+    staging = storage.staging_dir(out_dir)
+    tmp = f"{staging.rstrip('/')}.tmp-{os.getpid()}"
+    start = _adopt_killed_run(staging, tmp, config_hash)
+    if start:
+        log(f"[prepare] resuming a killed run of the same inputs from unit {start}/{len(units)}")
+    os.makedirs(os.path.join(tmp, SPILL), exist_ok=True)
     try:
-        spilled = write_spill(run_units(units, worker_args, n_workers, cpus), tmp)
+        batches = run_units(units, worker_args, n_workers, cpus, start=start)
+        # The checkpoint period is a test hook: the fault test checkpoints every unit.
+        every = float(os.environ.get("IFT_TEST_PREPARE_CHECKPOINT_S", CHECKPOINT_S))
+        spilled = write_spill(batches, tmp, config_hash, checkpoint_s=every)
         # Line numbers only identify a record within its file: name the file when there are several.
         spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
         spilled["chat_template"] = "tokenizer" if spec["chat_template"] else "default"
+        spilled["inputs"] = inputs
+        spilled["vocab_size"] = spec["vocab_size"]
         t_tok = time.perf_counter() - t0
         total = spilled["good"] + spilled["rejected"]
         reject_fraction = spilled["rejected"] / total if total else 1.0
         if total == 0 or reject_fraction > cfg.data.max_reject_fraction:
-            kept_rejects = f"{out_dir.rstrip('/')}.rejects.jsonl"
-            os.replace(os.path.join(tmp, REJECTS), kept_rejects)
+            kept_rejects = storage.suffixed(out_dir, ".rejects.jsonl")
+            storage.move_file(os.path.join(tmp, REJECTS), kept_rejects)
             first = spilled["first_reject"]
             raise PrepareError(
                 f"{spilled['rejected']} of {total} records rejected ({reject_fraction:.1%} > "
                 f"data.max_reject_fraction {cfg.data.max_reject_fraction:.1%}); no dataset "
                 f"written. See {kept_rejects}" + (f"; first: {_fmt_reject(first)}" if first else "")
             )
-        keep, stats = select_rows(cfg, spilled)
-        del spilled["pk_hi"], spilled["pk_lo"]  # the selection was their only use
-        manifest = write_dataset(cfg, tmp, out_dir, keep, spilled, stats, config_hash, tok_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+        drops, stats = select_rows(cfg, spilled)
+        manifest = write_dataset(cfg, tmp, out_dir, drops, spilled, stats, config_hash, tok_path)
+    except BaseException as e:
+        # Kept for a rerun to resume from (Ctrl-C, a worker lost for good); a data error
+        # would only happen again.
+        if isinstance(e, PrepareError) or not resume_point(tmp, config_hash):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     log(
         f"[prepare] {spilled['good']} examples, {spilled['rejected']} rejected, "
         + ", ".join(f"{s} {manifest['splits'][s]['rows']} rows" for s in split.SPLITS)
@@ -134,6 +157,23 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"{t_tok - t_spec:.1f}s, select/pack/write {time.perf_counter() - t0 - t_tok:.1f}s)"
     )
     return {**manifest, "reused": False}
+
+
+def _adopt_killed_run(staging: str, tmp: str, config_hash: str) -> int:
+    """Take over the temporary folder of a killed prepare of the same inputs and settings, and
+    return the units it had finished (0 when there is none): the spill resumes there. The
+    other leftovers of killed runs are deleted."""
+    candidates = [tmp] + stale_tmp_dirs(staging)
+    best = max(candidates, key=lambda path: resume_point(path, config_hash))
+    start = resume_point(best, config_hash)
+    if start and best != tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(best, tmp)
+    elif not start:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in stale_tmp_dirs(staging):
+        shutil.rmtree(path, ignore_errors=True)
+    return start
 
 
 def _fmt_reject(r: dict[str, Any]) -> str:

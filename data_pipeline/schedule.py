@@ -13,8 +13,12 @@ from data_pipeline.worker import process_unit, worker_key
 
 
 def run_units(
-    units: list[dict[str, Any]], worker_args: dict[str, Any], n_workers: int, cpus: float
-) -> Iterator[pa.Table]:
+    units: list[dict[str, Any]],
+    worker_args: dict[str, Any],
+    n_workers: int,
+    cpus: float,
+    start: int = 0,
+) -> Iterator[tuple[int, pa.Table | None]]:
     """The units' tables, in unit order, computed by Ray tasks on at most `n_workers` CPUs.
 
     Plain Ray tasks rather than Ray Data: its streaming executor polls for finished tasks
@@ -34,11 +38,11 @@ def run_units(
 
     remote = ray.remote(process_unit).options(num_cpus=cpus, max_retries=3, num_returns="streaming")
     key, args_ref = worker_key(worker_args), ray.put(worker_args)
-    # Whole files (JSON arrays, Parquet: not cut into ranges), biggest first, are submitted
+    # Whole files (those that cannot be cut into ranges), biggest first, are submitted
     # before the ranges, so that a big one is not the last task, run by one worker while the
     # others idle; the results still come back in unit order.
     size = [u["end"] - u["start"] if u.get("whole") else -1 for u in units]
-    order = deque(sorted(range(len(units)), key=lambda i: -size[i]))
+    order = deque(sorted(range(start, len(units)), key=lambda i: -size[i]))
     streams: dict[int, Any] = {}  # submitted and not yet taken whole
     running: set[Any] = set()  # the completion refs of tasks still running
     gz = GzRanges()
@@ -50,7 +54,7 @@ def run_units(
         running.add(streams[i].completed())
 
     try:
-        for head in range(len(units)):
+        for head in range(start, len(units)):
             while True:
                 # Fill the free CPU slots: the unit to yield next first, then the rest in
                 # order while the window has room.
@@ -64,16 +68,17 @@ def run_units(
                 stream = streams.get(head)
                 if stream is not None:
                     while stream.next_ready() and (ref := next(stream, None)) is not None:
-                        yield ray.get(ref)
+                        yield head, ray.get(ref)
                     if stream.is_finished():
                         break
                     if stream.completed() not in running:  # ended: the rest is on its way
-                        yield from (ray.get(ref) for ref in stream)
+                        yield from ((head, ray.get(ref)) for ref in stream)
                         break
                 # Until the head has more output or any task ends (a slot to refill).
                 waitables = list(running) + ([stream] if stream is not None else [])
                 done, _ = ray.wait(waitables, num_returns=1)
                 running.difference_update(done)
             del streams[head]
+            yield head, None  # the unit is complete
     finally:
         gz.close()

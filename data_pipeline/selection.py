@@ -2,56 +2,121 @@
 
 Every rule is taken in input order over the 128-bit content and prompt keys the workers
 computed, so that the result depends on the inputs alone, never on how they were cut into
-units or on which worker finished first.
+units or on which worker finished first. Nothing here holds a per-record array of the whole
+input: the rules read the spill's key buckets one at a time and its row table a slice at a
+time (see `spill`), and mark the rows they drop in `drops.bin`, one byte per row on disk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from data_pipeline import split
+from data_pipeline.spill import N_BUCKETS, KeyBuckets, row_slices
+
+# Why a row was dropped (its byte in drops.bin); 0 keeps it.
+KEPT, DUPLICATE, CAPPED, OVERLAP = 0, 1, 2, 3
 
 
-def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
+def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, int]]:
     """Which good rows are kept: dedupe, per-source caps, then no prompt in two splits.
 
-    Every rule is taken in input order, so the result does not depend on how the input was
-    cut into units or on which worker finished first.
+    Returns:
+        The path of drops.bin (a byte per good row in input order, KEPT or why dropped) and
+        the counts of each rule.
     """
     n = spilled["good"]
-    source, codes = spilled["source"], spilled["split"]
-    keep = np.ones(n, bool)
+    drops_path = os.path.join(os.path.dirname(spilled["rows"]), "drops.bin")
+    with open(drops_path, "wb") as f:
+        f.truncate(n)  # all KEPT (zero bytes), without writing them
     stats = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0}
-    if cfg.data.dedupe and n:
-        keep[:] = False
-        keep[first_occurrences(spilled["ck_hi"], spilled["ck_lo"])] = True
-        stats["duplicates"] = int(n - keep.sum())
-    test = codes == split.SPLIT_CODES["test"]
-    for i, src in enumerate(cfg.data.sources):
-        mine = source == i
-        if src.max_records is not None:
-            over = keep & mine & (np.cumsum(keep & mine) > src.max_records)
-            stats["capped"] += int(over.sum())
-            keep &= ~over
-        if cfg.data.max_test_records is not None:
-            mine_test = keep & mine & test
-            over = mine_test & (np.cumsum(mine_test) > cfg.data.max_test_records)
-            stats["capped"] += int(over.sum())
-            keep &= ~over
+    if not n:
+        return drops_path, stats
+    drops = np.memmap(drops_path, np.uint8, "r+", shape=(n,))
+    if cfg.data.dedupe:
+        content = KeyBuckets(spilled["ck"])
+        for b in range(N_BUCKETS):
+            keys = content.read(b)
+            dup = np.ones(len(keys), bool)
+            dup[first_occurrences(keys["hi"], keys["lo"])] = False
+            drops[keys["row"][dup]] = DUPLICATE
+            stats["duplicates"] += int(dup.sum())
+    drops.flush()
+    del drops
+    stats["capped"] = _cap(cfg, spilled["rows"], drops_path)
     # A prompt lands in one split by its hash, but a source pinned to a split can still bring
     # a prompt that another source put elsewhere: test wins over validation over train.
-    pk_hi, pk_lo = spilled["pk_hi"], spilled["pk_lo"]
-    for later in ("test", "validation"):
-        held = keep & (codes == split.SPLIT_CODES[later])
-        earlier = keep & (codes < split.SPLIT_CODES[later])
-        if held.any() and earlier.any():
-            leak = earlier & isin128(pk_hi, pk_lo, pk_hi[held], pk_lo[held])
-            stats["overlap"] += int(leak.sum())
-            keep &= ~leak
-    return keep, stats
+    drops = np.memmap(drops_path, np.uint8, "r+", shape=(n,))
+    prompts = KeyBuckets(spilled["pk"])
+    for b in range(N_BUCKETS):
+        keys = prompts.read(b)
+        keep = drops[keys["row"]] == KEPT
+        for later in ("test", "validation"):
+            code = split.SPLIT_CODES[later]
+            held = keep & (keys["split"] == code)
+            earlier = keep & (keys["split"] < code)
+            if held.any() and earlier.any():
+                leak = earlier & isin128(keys["hi"], keys["lo"], keys["hi"][held], keys["lo"][held])
+                drops[keys["row"][leak]] = OVERLAP
+                stats["overlap"] += int(leak.sum())
+                keep &= ~leak
+    drops.flush()
+    return drops_path, stats
+
+
+def _cap(cfg: Any, rows_path: str, drops_path: str) -> int:
+    """Per-source caps (`max_records`, then `data.max_test_records`), in input order, a slice
+    of rows at a time with running counts: a row's fate depends only on the rows before it."""
+    sources = cfg.data.sources
+    limits = [src.max_records for src in sources]
+    test_limit = cfg.data.max_test_records
+    if all(limit is None for limit in limits) and test_limit is None:
+        return 0
+    seen = np.zeros(len(sources), np.int64)
+    seen_test = np.zeros(len(sources), np.int64)
+    test_code = split.SPLIT_CODES["test"]
+    capped = 0
+    for _, meta, drops in row_slices(rows_path, drops_path):
+        keep = drops == KEPT
+        test = meta["split"] == test_code
+        for i, limit in enumerate(limits):
+            mine = keep & (meta["source"] == i)
+            if limit is not None:
+                over = mine & (np.cumsum(mine) + seen[i] > limit)
+                seen[i] += int(mine.sum())
+                drops[over] = CAPPED
+                capped += int(over.sum())
+                keep &= ~over
+                mine &= ~over
+            if test_limit is not None:
+                mine_test = mine & test
+                over = mine_test & (np.cumsum(mine_test) + seen_test[i] > test_limit)
+                seen_test[i] += int(mine_test.sum())
+                drops[over] = CAPPED
+                capped += int(over.sum())
+                keep &= ~over
+    return capped
+
+
+def kept_rows(rows_path: str, drops_path: str, code: int, size: int) -> Iterator[np.ndarray]:
+    """The kept rows of one split as indices into its spill (in input order), in arrays of
+    exactly `size` (the last one shorter): a pass over rows.bin and drops.bin in slices."""
+    carry = np.zeros(0, np.int64)  # fewer than `size` rows left from the slices before
+    base = 0
+    for _, meta, drops in row_slices(rows_path, drops_path):
+        mine = meta["split"] == code
+        kept = np.concatenate([carry, base + np.flatnonzero(drops[mine] == KEPT)])
+        base += int(mine.sum())
+        full = len(kept) - len(kept) % size
+        for start in range(0, full, size):
+            yield kept[start : start + size]
+        carry = kept[full:]
+    if len(carry):
+        yield carry
 
 
 def first_occurrences(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -111,33 +176,33 @@ def exemplar_rows(
     return [order[a : min(b, a + k)] for a, b in zip(starts, ends, strict=True)]
 
 
-def exemplar_rows_in_slices(
-    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
-    n: int,
-    n_groups: int,
-    k: int,
-    slice_rows: int,
-) -> list[np.ndarray]:
-    """`exemplar_rows` over `n` rows loaded `slice_rows` at a time, in bounded memory.
+class ExemplarPicker:
+    """`exemplar_rows` over rows given a slice at a time (in row order), in bounded memory.
 
-    Each slice keeps its candidates: a group's k lowest keys overall are among the k lowest of
-    the slices that hold them. The candidates are then chosen among in row order, so that of
-    equal keys the first occurrence still wins: the result equals `exemplar_rows` on all rows.
-
-    Args:
-        load: Row indices -> their (ck_hi, ck_lo, groups).
-        n: Number of rows.
-        n_groups: Number of groups.
-        k: Exemplars per group.
-        slice_rows: Rows loaded at a time.
-
-    Returns:
-        As `exemplar_rows`.
+    After each slice only the candidates are kept: a group's k lowest keys overall are among
+    the k lowest of the rows seen so far, and the candidates stay in row order, so that of
+    equal keys the first occurrence still wins: `result()` equals `exemplar_rows` on all rows.
     """
-    candidates = [np.zeros(0, np.int64)]
-    for start in range(0, n, slice_rows):
-        part = np.arange(start, min(n, start + slice_rows))
-        chosen = exemplar_rows(*load(part), n_groups, k)
-        candidates.append(part[np.concatenate(chosen)] if chosen else part[:0])
-    picks = np.sort(np.concatenate(candidates))
-    return [picks[c] for c in exemplar_rows(*load(picks), n_groups, k)]
+
+    def __init__(self, n_groups: int, k: int) -> None:
+        self.n_groups, self.k = n_groups, k
+        self.rows = np.zeros(0, np.int64)
+        self.hi = np.zeros(0, np.uint64)
+        self.lo = np.zeros(0, np.uint64)
+        self.groups = np.zeros(0, np.int64)
+
+    def add(self, rows: np.ndarray, hi: np.ndarray, lo: np.ndarray, groups: np.ndarray) -> None:
+        """Rows after every row added before, with their content keys and groups."""
+        self.rows = np.concatenate([self.rows, rows])
+        self.hi = np.concatenate([self.hi, hi])
+        self.lo = np.concatenate([self.lo, lo])
+        self.groups = np.concatenate([self.groups, groups])
+        chosen = exemplar_rows(self.hi, self.lo, self.groups, self.n_groups, self.k)
+        keep = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+        self.rows, self.hi, self.lo = self.rows[keep], self.hi[keep], self.lo[keep]
+        self.groups = self.groups[keep]
+
+    def result(self) -> list[np.ndarray]:
+        """Per group, the chosen rows, lowest key first (as `exemplar_rows`)."""
+        chosen = exemplar_rows(self.hi, self.lo, self.groups, self.n_groups, self.k)
+        return [self.rows[c] for c in chosen]

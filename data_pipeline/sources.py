@@ -21,7 +21,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +132,7 @@ def parse_bytes(data: bytes, source: str, fmt: str) -> Iterator[Parsed]:
             yield 0, Reject(source, 0, f"corrupt gzip data: {exc}")
             return
     if fmt == "jsonl":
-        yield from _parse_jsonl(data, source)
+        yield from parse_jsonl(data, source)
     elif fmt == "json":
         yield from _parse_json(data, source)
     elif fmt == "csv":
@@ -140,20 +140,24 @@ def parse_bytes(data: bytes, source: str, fmt: str) -> Iterator[Parsed]:
     elif fmt == "tsv":
         yield from _parse_delimited(data, source, "\t")
     elif fmt == "conll":
-        yield from _parse_conll(data, source)
+        yield from parse_conll(data, source)
     else:
         yield from _parse_parquet(data, source)
 
 
-def read_hf_dataset(path: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_hf_dataset(
+    path: str, source: str, rows: tuple[int, int] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Read a folder written by ``datasets.Dataset.save_to_disk``.
 
     Args:
         path: The folder of one split (for a ``DatasetDict`` folder, point at ``path/<split>``).
         source: Name used in error messages.
+        rows: Only rows ``[start, stop)`` of the whole dataset (the rows of some of its Arrow
+            files); the folder's files are memory mapped, so the others are never read.
 
     Yields:
-        ``(row index + 1, row)`` pairs.
+        ``(row index + 1, row)`` pairs, indices counted over the whole dataset.
 
     Raises:
         ValueError: If the folder holds a ``DatasetDict`` rather than a single split.
@@ -167,7 +171,11 @@ def read_hf_dataset(path: str, source: str) -> Iterator[tuple[int, dict[str, Any
             f"{source}: a DatasetDict with splits [{splits}]; point the source at one split "
             f"folder, e.g. {path.rstrip('/')}/{next(iter(sorted(loaded)), 'train')}"
         )
-    for index, row in enumerate(loaded, 1):
+    start = 0
+    if rows is not None:
+        start = rows[0]
+        loaded = loaded.select(range(*rows))  # contiguous: a slice of the table, no copy
+    for index, row in enumerate(loaded, start + 1):
         yield index, dict(row)
 
 
@@ -186,8 +194,19 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def _parse_jsonl(data: bytes, source: str) -> Iterator[Parsed]:
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+def parse_jsonl(data: bytes, source: str, first_line: int = 1) -> Iterator[Parsed]:
+    """JSON Lines records, one object per line.
+
+    Args:
+        data: The file, or a range of it cut at a newline.
+        source: Name used in ``Reject.source``.
+        first_line: The file's line number of `data`'s first line (a BOM is stripped on
+            line 1 only).
+
+    Yields:
+        ``(line, record)`` or ``(line, Reject)``; blank lines are skipped.
+    """
+    for lineno, raw in enumerate(data.split(b"\n"), first_line):
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         raw = raw.strip()
@@ -232,8 +251,7 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
         return
     if _is_squad(doc):
         try:
-            for index, record in enumerate(squad_records(doc), 1):
-                yield index, record
+            yield from enumerate(squad_records(doc), 1)
         except ValueError as exc:
             yield 0, Reject(source, 0, f"malformed SQuAD JSON: {exc}")
         return
@@ -255,7 +273,11 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
     elif not isinstance(doc, list | Iterator):
         yield 0, Reject(source, 0, f"expected a JSON array of objects, got {_json_type(doc)}")
         return
-    for index, item in enumerate(doc, 1):
+    yield from _elements(doc, source, 1)
+
+
+def _elements(items: Iterable[Any], source: str, first_index: int) -> Iterator[Parsed]:
+    for index, item in enumerate(items, first_index):
         if isinstance(item, dict):
             yield index, item
         else:
@@ -265,6 +287,32 @@ def _parse_json(data: bytes, source: str) -> Iterator[Parsed]:
                     source, index, f"array element {index} is {_json_type(item)}, not an object"
                 ),
             )
+
+
+def parse_json_elements(data: bytes, source: str, first_index: int) -> Iterator[Parsed]:
+    """Records of a range of a top-level JSON array's elements, numbered as in the whole file.
+
+    The ranges are cut by ``inputs.json_array_cuts``, which checked that the whole file is a
+    valid array (a malformed one goes whole to ``parse_bytes``, which reports it).
+
+    Args:
+        data: Whole elements: the first range from just after the array's ``[``; a later
+            one from just after the previous range's last element, so starting with the
+            ``,`` before its own first element; the last range up to the closing ``]``.
+        source: Name used in ``Reject.source``.
+        first_index: The 1-based index of the range's first element in the whole array.
+
+    Yields:
+        ``(element index, record)`` or ``(element index, Reject)``, as ``parse_bytes`` gives
+        them for the whole file.
+    """
+    text = data.decode("utf-8")
+    if first_index > 1:
+        text = text.lstrip(_JSON_SPACE).removeprefix(",")
+    try:
+        yield from _elements(_array_items("[" + text + "]"), source, first_index)
+    except json.JSONDecodeError as exc:  # only if the file changed since it was cut
+        yield 0, Reject(source, 0, f"malformed JSON in elements from {first_index}: {exc}")
 
 
 _JSON_SPACE = " \t\n\r"
@@ -381,14 +429,20 @@ def _delimited_rows(text: str, delimiter: str, literal: bool) -> list[tuple[int,
             if fields[0].strip() or any(field.strip() for field in fields):
                 plain.append((number, fields))
         return plain
+    return list(_reader_rows(io.StringIO(text, newline=""), delimiter, literal))
+
+
+def _reader_rows(
+    lines: Iterable[str], delimiter: str, literal: bool
+) -> Iterator[tuple[int, list[str] | str]]:
+    """`_delimited_rows` by the csv module, from lines as ``io.StringIO(text, newline="")``
+    gives them (ends kept; cut after ``\n``, ``\r\n`` or a lone ``\r``)."""
     previous_limit = csv.field_size_limit(2**31 - 1)  # news articles exceed the 128 KiB default
     try:
-        stream = io.StringIO(text, newline="")
         if literal:
-            reader = csv.reader(stream, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+            reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE)
         else:
-            reader = csv.reader(stream, delimiter=delimiter)
-        rows: list[tuple[int, list[str] | str]] = []
+            reader = csv.reader(lines, delimiter=delimiter)
         while True:
             start = reader.line_num + 1
             try:
@@ -396,13 +450,12 @@ def _delimited_rows(text: str, delimiter: str, literal: bool) -> list[tuple[int,
             except StopIteration:
                 break
             except csv.Error as exc:
-                rows.append((start, f"unreadable row: {exc}"))
+                yield start, f"unreadable row: {exc}"
                 if reader.line_num < start:  # no progress: stop rather than loop forever
                     break
                 continue
             if any(field.strip() for field in row):
-                rows.append((start, row))
-        return rows
+                yield start, row
     finally:
         csv.field_size_limit(previous_limit)
 
@@ -411,31 +464,40 @@ def _delimited_records(
     text: str, source: str, delimiter: str, literal: bool
 ) -> list[tuple[int, dict[str, Any] | Reject]]:
     rows = _delimited_rows(text, delimiter, literal)
-    if not rows:
-        return []
-    header_line, header = rows[0]
+    # One scan when the whole text is clean.
+    return list(_row_records(rows, source, check_utf8=_SURROGATE.search(text) is not None))
+
+
+def _row_records(
+    rows: Iterable[tuple[int, list[str] | str]], source: str, check_utf8: bool
+) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
+    """The first row is the header; each other row a record or a Reject."""
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return
+    header_line, header = first
     if isinstance(header, str):
-        return [(header_line, Reject(source, header_line, f"header: {header}"))]
+        yield header_line, Reject(source, header_line, f"header: {header}")
+        return
     header = [name.strip() for name in header]
     problem = _bad_utf8_field(header)
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         problem = f"duplicate column names in header: {duplicates}"
     if problem:
-        return [(header_line, Reject(source, header_line, f"header: {problem}"))]
-    out: list[tuple[int, dict[str, Any] | Reject]] = []
-    check_utf8 = _SURROGATE.search(text) is not None  # one scan when the whole text is clean
-    for line, row in rows[1:]:
+        yield header_line, Reject(source, header_line, f"header: {problem}")
+        return
+    for line, row in rows:
         if isinstance(row, str):
-            out.append((line, Reject(source, line, row)))
+            yield line, Reject(source, line, row)
         elif len(row) != len(header):
             reason = f"expected {len(header)} fields, got {len(row)}"
-            out.append((line, Reject(source, line, reason)))
+            yield line, Reject(source, line, reason)
         elif check_utf8 and (bad := _bad_utf8_field(row)) is not None:
-            out.append((line, Reject(source, line, bad)))
+            yield line, Reject(source, line, bad)
         else:
-            out.append((line, dict(zip(header, row, strict=True))))
-    return out
+            yield line, dict(zip(header, row, strict=True))
 
 
 def _parse_delimited(data: bytes, source: str, delimiter: str) -> Iterator[Parsed]:
@@ -445,13 +507,68 @@ def _parse_delimited(data: bytes, source: str, delimiter: str) -> Iterator[Parse
         # TSV comes both Excel-quoted (amazon_alexa.tsv: "...""smart""...") and unquoted with
         # stray quote characters in the text. Quote-aware parsing is right for the first; for
         # the second an unbalanced quote swallows the following lines into one bad row. Use
-        # the literal reading when it rejects fewer rows.
+        # the literal reading when it rejects fewer rows. (A TSV cut into ranges gets this
+        # choice from `literal_tsv`, made over the whole file.)
         bad = sum(isinstance(r, Reject) for _, r in records)
         if bad:
             literal = _delimited_records(text, source, delimiter, literal=True)
             if sum(isinstance(r, Reject) for _, r in literal) < bad:
                 records = literal
     yield from records
+
+
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+
+
+def parse_delimited(data: bytes, source: str, fmt: str, literal: bool) -> Iterator[Parsed]:
+    """CSV or TSV records of a range of rows, in one reading chosen for the whole file.
+
+    Args:
+        data: The file's bytes up to and including its header row, then the range's rows
+            (both cut at row ends: see ``inputs.delimited_cuts``).
+        source: Name used in ``Reject.source``.
+        fmt: ``"csv"`` or ``"tsv"``.
+        literal: Quote characters are plain text (TSV only: see ``literal_tsv``).
+
+    Yields:
+        ``(line, record)`` or ``(line, Reject)``, lines counted from the start of `data`.
+    """
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix(_BOM)
+    yield from _delimited_records(text, source, _DELIMITERS[fmt], literal)
+
+
+def delimited_header(prefix: bytes, fmt: str, literal: bool) -> bool | None:
+    """Whether `prefix` (a file's start, cut at a row end) holds exactly its header row.
+
+    Returns:
+        None while it holds only blank rows; True when it holds one row and that is a valid
+        header, so that it can be put in front of any range of the file's rows; False
+        otherwise (a bad header rejects the whole file: it is not cut).
+    """
+    text = prefix.decode("utf-8", errors="surrogateescape").removeprefix(_BOM)
+    rows = len(_delimited_rows(text, _DELIMITERS[fmt], literal))
+    if rows == 0:
+        return None
+    return rows == 1 and not _delimited_records(text, "", _DELIMITERS[fmt], literal)
+
+
+def literal_tsv(lines: Callable[[], Iterable[str]]) -> bool:
+    """Whether ``parse_bytes`` reads this whole TSV file literally (quotes as text).
+
+    It does when the literal reading rejects fewer rows than the quote-aware one. Counted a
+    row at a time, so that a big file is never held whole.
+
+    Args:
+        lines: Opens the file's text afresh (decoded with ``surrogateescape``, the BOM
+            removed) as lines cut as ``io.StringIO(text, newline="")`` cuts them.
+    """
+
+    def rejects(literal: bool) -> int:
+        rows = _reader_rows(lines(), "\t", literal)
+        return sum(isinstance(r, Reject) for _, r in _row_records(rows, "", check_utf8=True))
+
+    quoted = rejects(False)
+    return quoted > 0 and rejects(True) < quoted
 
 
 def _iob1_to_iob2(tags: list[str]) -> list[str]:
@@ -466,7 +583,18 @@ def _iob1_to_iob2(tags: list[str]) -> list[str]:
     return out
 
 
-def _parse_conll(data: bytes, source: str) -> Iterator[Parsed]:
+def parse_conll(data: bytes, source: str, first_line: int = 1) -> Iterator[Parsed]:
+    """CoNLL-2003 sentences: one record per sentence, at the line of its first token.
+
+    Args:
+        data: The file, or a range of it that starts after a sentence boundary (a blank or
+            ``-DOCSTART-`` line: see ``inputs.conll_cuts``).
+        source: Name used in ``Reject.source``.
+        first_line: The file's line number of `data`'s first line.
+
+    Yields:
+        ``(line, record)`` or ``(line, Reject)``; a sentence with a bad line is one Reject.
+    """
     sentence: list[list[str]] = []
     start = 0
     problem: Reject | None = None
@@ -481,7 +609,7 @@ def _parse_conll(data: bytes, source: str) -> Iterator[Parsed]:
             record["ner_iob2"] = _iob1_to_iob2(record["ner_tags"])
             yield start, record
 
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    for lineno, raw in enumerate(data.split(b"\n"), first_line):
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         stripped = raw.strip()
@@ -515,15 +643,47 @@ def _parse_conll(data: bytes, source: str) -> Iterator[Parsed]:
 
 
 def _parse_parquet(data: bytes, source: str) -> Iterator[Parsed]:
+    yield from read_parquet(io.BytesIO(data), source)
+
+
+def read_parquet(
+    file: Any, source: str, row_groups: tuple[int, int] | None = None
+) -> Iterator[Parsed]:
+    """Rows of a Parquet file, a row group at a time; a row group that cannot be read is one
+    Reject (at its first row), and the rows of the others are still read.
+
+    Args:
+        file: The open file (any file object pyarrow reads with random access: only the
+            footer and the row groups read are fetched).
+        source: Name used in ``Reject.source``.
+        row_groups: Only row groups ``[first, stop)``.
+
+    Yields:
+        ``(row index + 1, row)`` or ``(row index + 1, Reject)``, rows counted over the
+        whole file; ``(0, Reject)`` when the file cannot be opened at all.
+    """
     import pyarrow.parquet as pq  # lazy: only this format needs it
 
     try:
-        parquet = pq.ParquetFile(io.BytesIO(data))
+        parquet = pq.ParquetFile(file)
+        meta = parquet.metadata
+        first, stop = row_groups or (0, meta.num_row_groups)
+        index = sum(meta.row_group(g).num_rows for g in range(first))
     except Exception as exc:  # pyarrow raises several types for a damaged file
         yield 0, Reject(source, 0, f"unreadable Parquet: {exc}")
         return
-    index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            index += 1
-            yield index, row
+    for group in range(first, stop):
+        rows = meta.row_group(group).num_rows
+        try:
+            table = parquet.read_row_group(group)
+        except Exception as exc:
+            where = f"row group {group} (rows {index + 1}-{index + rows})"
+            reason = f"unreadable Parquet {where}: {exc}"
+            yield index + 1, Reject(source, index + 1, reason)
+            index += rows
+            continue
+        for batch in table.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                index += 1
+                yield index, row
+        del table

@@ -239,10 +239,6 @@ def prompt_ids_for_generation(
     return ([bos_id] if bos_id is not None else []) + context
 
 
-def _nearest_rank(sorted_values: np.ndarray, q: float) -> int:
-    return int(sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)])
-
-
 def token_stats(
     lengths: Sequence[int] | np.ndarray, label_counts: Sequence[int] | np.ndarray
 ) -> dict[str, float | int]:
@@ -253,15 +249,31 @@ def token_stats(
         label_counts: Learned (non ``-100``) labels per example.
 
     Returns:
-        ``rows``, ``tokens``, ``loss_tokens``, ``mean_length``, ``p50_length``,
-        ``p99_length`` (nearest-rank percentiles) and ``max_length``; zeros when empty.
+        As ``token_stats_from_histogram``.
 
     Raises:
         ValueError: If the two differ in length.
     """
     if len(lengths) != len(label_counts):
         raise ValueError(f"{len(lengths)} lengths but {len(label_counts)} label counts")
-    if not len(lengths):
+    histogram = np.bincount(np.asarray(lengths, np.int64), minlength=1)
+    return token_stats_from_histogram(histogram, int(np.asarray(label_counts, np.int64).sum()))
+
+
+def token_stats_from_histogram(histogram: np.ndarray, loss_tokens: int) -> dict[str, float | int]:
+    """``token_stats`` from the count of examples of each length, which a streaming caller
+    accumulates in O(max length) memory however many examples there are.
+
+    Args:
+        histogram: ``histogram[n]`` examples have ``n`` tokens.
+        loss_tokens: Learned (non ``-100``) labels over all examples.
+
+    Returns:
+        ``rows``, ``tokens``, ``loss_tokens``, ``mean_length``, ``p50_length``,
+        ``p99_length`` (nearest-rank percentiles) and ``max_length``; zeros when empty.
+    """
+    rows = int(histogram.sum())
+    if not rows:
         return {
             "rows": 0,
             "tokens": 0,
@@ -271,14 +283,20 @@ def token_stats(
             "p99_length": 0,
             "max_length": 0,
         }
-    ordered = np.sort(np.asarray(lengths, np.int64))
-    tokens = int(ordered.sum())
+    tokens = int((histogram * np.arange(len(histogram), dtype=np.int64)).sum())
+    below = np.cumsum(histogram)
+
+    def nearest_rank(q: float) -> int:
+        # The value at sorted position ceil(q * rows) - 1: the first length whose running
+        # count passes that position.
+        return int(np.searchsorted(below, max(0, math.ceil(q * rows) - 1), side="right"))
+
     return {
-        "rows": len(ordered),
+        "rows": rows,
         "tokens": tokens,
-        "loss_tokens": int(np.asarray(label_counts, np.int64).sum()),
-        "mean_length": tokens / len(ordered),
-        "p50_length": _nearest_rank(ordered, 0.50),
-        "p99_length": _nearest_rank(ordered, 0.99),
-        "max_length": int(ordered[-1]),
+        "loss_tokens": int(loss_tokens),
+        "mean_length": tokens / rows,
+        "p50_length": nearest_rank(0.50),
+        "p99_length": nearest_rank(0.99),
+        "max_length": int(np.flatnonzero(histogram)[-1]),
     }

@@ -37,6 +37,7 @@ def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict[str, Any]
         "bos": bos,
         "eos": eos,
         "chat_template": chat_template if isinstance(chat_template, str) else None,
+        "vocab_size": len(tok),  # the token store's id dtype
         "special_tokens": {n: v for n in names if isinstance(v := getattr(tok, n, None), str)},
     }
 

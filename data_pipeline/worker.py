@@ -115,7 +115,7 @@ class ShardWorker:
 
         The Python objects of a batch (texts, token lists) are freed once it is an Arrow
         table, and the tables leave the worker as they fill, so a worker's memory is bounded
-        by the batch, not by the unit (a JSON array or Parquet file comes whole).
+        by the batch, not by the unit (a file that cannot be cut, e.g. a SQuAD JSON, comes whole).
         """
         pending: list[pa.Table] = []
         size, processed = 0, False

@@ -27,14 +27,14 @@ import pyarrow.parquet as pq
 from data_pipeline import pack, split, templates, tokenize
 from data_pipeline.manifest import (
     EXEMPLARS,
-    MANIFEST,
     PLAIN_SCHEMA,
     TEST_SCHEMA,
     VERSION,
-    write_json_atomic,
+    publish,
 )
-from data_pipeline.selection import exemplar_rows_in_slices
-from data_pipeline.spill import SPILL, SPILL_COLUMNS, list_lengths, read_spill, take
+from data_pipeline.selection import ExemplarPicker, kept_rows
+from data_pipeline.spill import SPILL, SpillTable, list_lengths
+from data_pipeline.token_store import STORE_DIR, TokenStoreWriter
 
 ROWS_PER_SHARD = 50_000
 # Rows are built and written max(1, SLICE_TOKENS // max_seq_len) at a time, so that the
@@ -48,70 +48,89 @@ def write_dataset(
     cfg: Any,
     tmp: str,
     out_dir: str,
-    keep: np.ndarray,
+    drops_path: str,
     spilled: dict[str, Any],
     stats: dict[str, int],
     config_hash: str,
     tok_path: str,
 ) -> dict[str, Any]:
+    """Write every split's kept rows from the spill into `tmp`, swap it into `out_dir`, and
+    write the manifest last. Each split streams its kept rows in input order, a window at a
+    time (`kept_rows`), so nothing here grows with the number of rows."""
     names = [s.task_name for s in cfg.data.sources]
+    tasks = sorted(set(names))
+    task_of_source = np.asarray([tasks.index(n) for n in names], np.int64)
     capacity = cfg.data.max_seq_len
+    per_slice = max(1, SLICE_TOKENS // capacity)
     digest = hashlib.sha256()
     splits: dict[str, Any] = {}
     exemplars: dict[str, Any] = {}
     for name in split.SPLITS:
-        in_split = spilled["split"] == split.SPLIT_CODES[name]
-        mask = keep[in_split]  # spill rows are in input order too
-        table, release = read_spill(spilled["spill"].get(name))
-        kept = np.flatnonzero(mask)
-        lengths = list_lengths(table.column("input_ids"))[kept]
-        loss_tokens = table.column("loss_tokens").to_numpy()[kept]
-        release()
-        info: dict[str, Any] = {**tokenize.token_stats(lengths, loss_tokens)}
-        schema = TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
-        writer = ShardWriter(os.path.join(tmp, name), schema)
-        per_slice = max(1, SLICE_TOKENS // capacity)
-        if name == "test" or not cfg.data.packing:
-            multi_file = spilled["multi_file"]
-            for batch in _plain_batches(
-                table, kept, names, multi_file, with_text=(name == "test"), per_slice=per_slice
-            ):
-                writer.write(batch)
-                release()
-            info["packed"] = False
-        else:
-            # Packed a window of PACK_WINDOW examples at a time, so that the packer's Python
-            # lists stay bounded however big the split is.
-            n_bins = 0
-            for first in range(0, len(kept), PACK_WINDOW):
-                window = lengths[first : first + PACK_WINDOW]
-                bins = pack.best_fit_decreasing(window.tolist(), capacity)
+        spill = SpillTable(spilled["spill"].get(name))
+        packed = name != "test" and cfg.data.packing
+        writer = ShardWriter(
+            os.path.join(tmp, name), TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
+        )
+        # Training reads train and validation from a memory-mapped copy of the same rows.
+        store = (
+            None
+            if name == "test"
+            else TokenStoreWriter(os.path.join(tmp, STORE_DIR, name), spilled["vocab_size"])
+        )
+        picker = (
+            ExemplarPicker(len(tasks), cfg.data.exemplars)
+            if name == "train" and cfg.data.exemplars
+            else None
+        )
+        histogram = np.zeros(capacity + 1, np.int64)
+        per_task = np.zeros(len(names), np.int64)
+        loss_tokens = examples = n_bins = 0
+        # Packing runs over windows of PACK_WINDOW examples (in input order), so that the
+        # packer's Python lists stay bounded however big the split is.
+        window = PACK_WINDOW if packed else per_slice
+        for kept in kept_rows(spilled["rows"], drops_path, split.SPLIT_CODES[name], window):
+            lengths = spill.lengths(kept)
+            histogram = _add_counts(histogram, lengths)
+            loss_tokens += int(spill.numbers(kept, "loss_tokens").sum(dtype=np.int64))
+            sources = spill.numbers(kept, "source")
+            per_task += np.bincount(sources, minlength=len(names))
+            examples += len(kept)
+            if picker is not None:
+                hi, lo = spill.numbers(kept, "ck_hi"), spill.numbers(kept, "ck_lo")
+                picker.add(kept, hi, lo, task_of_source[sources])
+            if packed:
+                bins = pack.best_fit_decreasing(lengths.tolist(), capacity)
                 n_bins += len(bins)
-                for start in range(0, len(bins), per_slice):
-                    part = bins[start : start + per_slice]
-                    writer.write(_packed_batch(table, kept[first:], window, part))
-                    release()
-            info["packed"] = True
+                batches: Iterator[pa.Table] = (
+                    _packed_batch(spill, kept, lengths, bins[start : start + per_slice])
+                    for start in range(0, len(bins), per_slice)
+                )
+            else:
+                batches = iter([_plain_batch(spill, kept, names, spilled["multi_file"], name)])
+            for batch in batches:
+                writer.write(batch)
+                if store is not None:
+                    store.write(batch)
+                spill.release()
+        info: dict[str, Any] = {**tokenize.token_stats_from_histogram(histogram, loss_tokens)}
+        info["packed"] = packed
+        if packed:
             info["packed_rows"] = n_bins
             info["packing_efficiency"] = (
-                float(lengths.sum()) / (n_bins * capacity) if n_bins else 0.0
+                float(info["tokens"]) / (n_bins * capacity) if n_bins else 0.0
             )
-        info["examples"] = int(len(kept))
+        info["examples"] = examples
         info["rows"] = writer.rows
         info["files"] = writer.close()
+        if store is not None:  # not in the fingerprint: a function of the shards' rows
+            info["store"] = {"path": f"{STORE_DIR}/{name}", **store.close()}
         digest.update(f"{name}:{writer.rows}:{writer.digest()}".encode())
-        sources_kept = table.column("source").to_numpy()[kept]
-        counts = np.bincount(sources_kept, minlength=len(names))
-        info["per_task"] = {n: int(counts[i]) for i, n in enumerate(names)}
+        info["per_task"] = {n: int(per_task[i]) for i, n in enumerate(names)}
         splits[name] = info
-        if name == "train" and cfg.data.exemplars:
-            rows = np.flatnonzero(in_split)[kept]  # the kept train rows among all rows
-            ck = (spilled["ck_hi"], spilled["ck_lo"])
-            exemplars = _write_exemplars(tmp, table, kept, rows, ck, names, cfg.data.exemplars)
-            del rows
+        if picker is not None:
+            exemplars = _write_exemplars(tmp, spill, picker.result(), tasks)
             digest.update(f"exemplars:{json.dumps(exemplars, sort_keys=True)}".encode())
-        del table
-        release()
+        spill.close()
     shutil.rmtree(os.path.join(tmp, SPILL))
     manifest = {
         "version": VERSION,
@@ -138,48 +157,33 @@ def write_dataset(
         "capped": stats["capped"],
         "overlap_dropped": stats["overlap"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # What the next run's reuse check needs to skip re-hashing unchanged inputs.
+        "inputs": spilled["inputs"],
     }
-    # Swap the finished folder in, then write the manifest last: a crash at any point before
-    # leaves either the old complete dataset or no manifest at all.
-    if os.path.exists(out_dir):
-        old_manifest = os.path.join(out_dir, MANIFEST)
-        if os.path.exists(old_manifest):
-            os.remove(old_manifest)
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.dirname(out_dir.rstrip("/")) or ".", exist_ok=True)
-    os.rename(tmp, out_dir)
-    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
-    return manifest
+    # Swap the finished folder in (locally) or upload it under a new prefix (object store),
+    # then write the manifest last: a crash at any point before leaves either the old complete
+    # dataset or no manifest at all.
+    return publish(tmp, out_dir, manifest)
+
+
+def _add_counts(histogram: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    counts = np.bincount(lengths, minlength=len(histogram))
+    if len(counts) > len(histogram):  # longer than max_seq_len: only if a template allows it
+        histogram = np.concatenate([histogram, np.zeros(len(counts) - len(histogram), np.int64)])
+    histogram += counts
+    return histogram
 
 
 def _write_exemplars(
-    tmp: str,
-    table: pa.Table,
-    kept: np.ndarray,
-    rows: np.ndarray,
-    ck: tuple[np.ndarray, np.ndarray],
-    names: list[str],
-    k: int,
+    tmp: str, spill: SpillTable, chosen: list[np.ndarray], tasks: list[str]
 ) -> dict[str, Any]:
-    """`exemplars/<task>.jsonl`: up to `k` kept train rows per task as rendered text.
-
-    `kept` indexes the train spill and `rows` the same rows among all rows (the content keys
-    `ck`); the choice loads PACK_WINDOW rows at a time. Only the chosen rows' text is read
-    from the (memory-mapped) train spill. Every task gets a file, empty when it has no
-    train rows (e.g. a source pinned to test).
-    """
-    tasks = sorted(set(names))
-    task_of_source = np.asarray([tasks.index(n) for n in names], np.int64)
-    source = table.column("source").to_numpy()
-
-    def load(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return ck[0][rows[part]], ck[1][rows[part]], task_of_source[source[kept[part]]]
-
-    chosen = exemplar_rows_in_slices(load, len(kept), len(tasks), k, PACK_WINDOW)
+    """`exemplars/<task>.jsonl`: the chosen kept train rows (spill indices) per task as
+    rendered text; only their text is read from the (memory-mapped) train spill. Every task
+    gets a file, empty when it has no train rows (e.g. a source pinned to test)."""
     os.makedirs(os.path.join(tmp, EXEMPLARS))
     out: dict[str, Any] = {}
-    for task, mine in zip(tasks, chosen, strict=True):
-        picked = take(table, kept[mine], ["prompt", "reference"]).to_pylist()
+    for task, rows in zip(tasks, chosen, strict=True):
+        picked = spill.take(rows, ["prompt", "reference"]).to_pylist()
         lines = [json.dumps({"prompt": r["prompt"], "completion": r["reference"]}) for r in picked]
         rel = f"{EXEMPLARS}/{task}.jsonl"
         with open(os.path.join(tmp, rel), "w") as f:
@@ -188,10 +192,10 @@ def _write_exemplars(
     return out
 
 
-def remove_stale_tmp(out_dir: str) -> None:
-    """Delete the temporary folders of earlier runs that were killed (their process is gone),
-    so that crashes do not pile up spill files next to the dataset. A folder whose process
-    still runs on this host is another prepare at work and is left alone."""
+def stale_tmp_dirs(out_dir: str) -> list[str]:
+    """The temporary folders of earlier runs that were killed (their process is gone). A folder
+    whose process still runs on this host is another prepare at work and is left alone."""
+    stale = []
     for path in glob.glob(glob.escape(out_dir.rstrip("/")) + ".tmp-*"):
         suffix = path.rsplit(".tmp-", 1)[1]
         if not (suffix.isascii() and suffix.isdigit()) or not os.path.isdir(path):
@@ -199,62 +203,60 @@ def remove_stale_tmp(out_dir: str) -> None:
         try:
             os.kill(int(suffix), 0)
         except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
         except PermissionError:  # alive, another user's
             pass
+    return sorted(stale)
 
 
-def _plain_batches(
-    table: pa.Table,
-    kept: np.ndarray,
-    names: list[str],
-    multi_file: set[int],
-    with_text: bool,
-    per_slice: int,
-) -> Iterator[pa.Table]:
-    """Unpacked rows in input order, one example per row, a slice at a time.
+def _plain_batch(
+    spill: SpillTable, kept: np.ndarray, names: list[str], multi_file: set[int], split_name: str
+) -> pa.Table:
+    """Unpacked rows, one example per row; the test split keeps its text and ids too.
 
     A test row's `id` is `<task>-<line>`, or `<task>-<file index>-<line>` for a source of
     several files (the index in the sorted file list), so that ids are unique.
     """
-    for start in range(0, len(kept), per_slice):
-        rows = take(table, kept[start : start + per_slice], SPILL_COLUMNS)
-        lengths = list_lengths(rows.column("input_ids"))
-        cols: dict[str, Any] = {
-            "input_ids": rows.column("input_ids").combine_chunks(),
-            "labels": rows.column("labels").combine_chunks(),
-            "seq_lens": pa.ListArray.from_arrays(
-                pa.array(np.arange(len(lengths) + 1, dtype=np.int32)),
-                pa.array(lengths.astype(np.int32)),
-            ),
-        }
-        if with_text:
-            src_ids = rows.column("source").to_pylist()
-            task = [names[i] for i in src_ids]
-            parts, lines = rows.column("part").to_pylist(), rows.column("line").to_pylist()
-            where = zip(src_ids, parts, lines, strict=True)
-            cols["id"] = pa.array(
-                [
-                    f"{names[src]}-{part}-{line}" if src in multi_file else f"{names[src]}-{line}"
-                    for src, part, line in where
-                ],
-                pa.string(),
-            )
-            cols["task"] = pa.array(task, pa.string())
-            cols["prompt"] = rows.column("prompt").combine_chunks()
-            cols["reference"] = rows.column("reference").combine_chunks()
-            cols["prompt_ids"] = rows.column("prompt_ids").combine_chunks()
-        yield pa.table(cols, schema=TEST_SCHEMA if with_text else PLAIN_SCHEMA)
+    with_text = split_name == "test"
+    columns = ["input_ids", "labels"] + (
+        ["source", "part", "line", "prompt", "reference", "prompt_ids"] if with_text else []
+    )
+    rows = spill.take(kept, columns)
+    lengths = list_lengths(rows.column("input_ids"))
+    cols: dict[str, Any] = {
+        "input_ids": rows.column("input_ids").combine_chunks(),
+        "labels": rows.column("labels").combine_chunks(),
+        "seq_lens": pa.ListArray.from_arrays(
+            pa.array(np.arange(len(lengths) + 1, dtype=np.int32)),
+            pa.array(lengths.astype(np.int32)),
+        ),
+    }
+    if with_text:
+        src_ids = rows.column("source").to_pylist()
+        parts, lines = rows.column("part").to_pylist(), rows.column("line").to_pylist()
+        where = zip(src_ids, parts, lines, strict=True)
+        cols["id"] = pa.array(
+            [
+                f"{names[src]}-{part}-{line}" if src in multi_file else f"{names[src]}-{line}"
+                for src, part, line in where
+            ],
+            pa.string(),
+        )
+        cols["task"] = pa.array([names[i] for i in src_ids], pa.string())
+        cols["prompt"] = rows.column("prompt").combine_chunks()
+        cols["reference"] = rows.column("reference").combine_chunks()
+        cols["prompt_ids"] = rows.column("prompt_ids").combine_chunks()
+    return pa.table(cols, schema=TEST_SCHEMA if with_text else PLAIN_SCHEMA)
 
 
 def _packed_batch(
-    table: pa.Table, kept: np.ndarray, lengths: np.ndarray, bins: list[list[int]]
+    spill: SpillTable, kept: np.ndarray, lengths: np.ndarray, bins: list[list[int]]
 ) -> pa.Table:
     """Packed rows for `bins` (indices into `kept`), built by `pack.pack_bins`: the members of
     each bin are taken from the spill in order and their tokens concatenated."""
     members = np.fromiter((i for b in bins for i in b), np.int64)
     per_row = np.fromiter((len(b) for b in bins), np.int64, count=len(bins))
-    rows = take(table, kept[members], ["input_ids", "labels"])
+    rows = spill.take(kept[members], ["input_ids", "labels"])
     ids = pc.list_flatten(rows.column("input_ids")).to_numpy()
     example_lens = lengths[members]
     labels, token_offsets, member_offsets = pack.pack_bins(

@@ -11,6 +11,17 @@ and each carries its own seed, so predictions do not depend on the number of act
 lost with its actor is run again by Ray Data (actors restart, tasks retry), and the seed it
 carries makes the retry give the same predictions.
 
+Memory does not grow with the test split on the driver: it streams the split once into a
+prompt store on disk (`<role>/.work/`: token ids and offsets, memory-mapped by the actors, which
+get only batch numbers), appends each batch's predictions to disk as it comes back, then
+streams the split again to write `predictions.jsonl` in test-split order while merging the
+metrics' sufficient statistics chunk by chunk. The work folder lives under the output folder,
+which every node reads anyway (the fine-tuned model is there). With the output folder on an
+object store (s3://...), eval works in a local mirror of `<output_dir>/eval` (`eval_root`),
+copies each role's predictions and then metrics back, then the report; the actors then stay on
+the driver's node, which alone sees the work folder, and a fine-tuned model on the store is
+downloaded once into a local cache (`storage.cached_copy`).
+
 The fine-tuned model is `eval.finetuned_model` (a folder, or an MLflow `models:/` / `runs:/`
 URI downloaded once into `<output_dir>/eval/mlflow-models/`), else `<output_dir>/model`.
 
@@ -22,24 +33,33 @@ outputs are current. Metric names are `<task>/<metric>` (e.g. `sst2/accuracy`, `
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_pipeline import storage
 from eval import fewshot
 from eval import metrics as M
-from eval.generate import generate_counted, plan_batches
-from eval.report import bootstrap_by_task, intervals_of, read_predictions, write_report
+from eval.generate import generate_counted
+from eval.report import StatsByTask, bootstrap_file, write_report
 
 ROLES = ("base", "base_fewshot", "finetuned")
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 MODEL_CACHE = "mlflow-models"
+OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
 CONFIDENCE = 0.95
+CHUNK_ROWS = 4096  # test-split rows the driver holds at once
+# Bumped when the job's outputs change for the same settings (the cache key includes it).
+EVAL_VERSION = 2
 
 
 class EvalError(RuntimeError):
@@ -58,10 +78,10 @@ def evaluate(
     Args:
         cfg: The resolved config.
         manifest: The prepared data's manifest.
-        role: `base` or `finetuned`.
+        role: `base`, `base_fewshot` or `finetuned`.
         log: Progress lines go here.
         bootstrap: Bootstrap resamples for confidence intervals (0: none); None reads
-            `eval.bootstrap` when the config has that field, else 0.
+            `eval.bootstrap`.
 
     Returns:
         {"metrics", "intervals", "predictions", "metrics_path", "report", "chart"}: scores,
@@ -70,122 +90,132 @@ def evaluate(
     """
     import ray
 
-    if bootstrap is None:
-        # EvalConfig has no `bootstrap` field yet (owned elsewhere); read it once it exists.
-        bootstrap = int(getattr(cfg.eval, "bootstrap", 0) or 0)
+    e = cfg.eval
+    bootstrap = e.bootstrap if bootstrap is None else bootstrap
+    options = metric_options(e)
+    eval_dir = eval_root(cfg)
+    _pull(cfg, eval_dir)
     model_path = model_path_for(cfg, role, log=log)
-    eval_dir = os.path.join(cfg.experiment.output_dir, "eval")
     out_dir = os.path.join(eval_dir, role)
-    test = read_test_split(cfg.data_dir, manifest)
-    if not test["id"]:
+    if not manifest["splits"]["test"]["rows"]:
         raise EvalError(
             "the test split is empty: set data.split with a test ratio or pin a "
             "source with `split: test`"
         )
-    pools = _exemplar_pools(cfg, manifest, test["task"]) if role == "base_fewshot" else None
+    pools = None
+    if role == "base_fewshot":
+        pools = _exemplar_pools(cfg, manifest, test_tasks(cfg.data_dir, manifest))
     key = _eval_hash(cfg, manifest, model_path, pools)
     pred_path = os.path.join(out_dir, "predictions.jsonl")
     metrics_path = os.path.join(out_dir, "metrics.json")
+    boot = _boot_settings(bootstrap, e.seed)
     cached = _cached(out_dir, key)
     if cached is not None:
         log(f"[eval {role}] reusing {out_dir}: same model, data and settings")
-        boot = _boot_settings(bootstrap, cfg.eval.seed)
         if cached.get("bootstrap") != boot:
             # Intervals are a function of the predictions: add them without generating again.
             cached["bootstrap"] = boot
-            cached["intervals"] = _intervals(
-                cached["tasks"], read_predictions(pred_path), boot, cfg.eval.bleu_tokenize
+            cached["intervals"] = (
+                bootstrap_file(pred_path, cached["tasks"], boot, options) if boot else {}
             )
             _write_atomic(metrics_path, json.dumps(cached, indent=2))
+            _push(cfg, eval_dir, [f"{role}/metrics.json"])
         return {
             "metrics": cached["metrics"],
             "intervals": cached["intervals"],
             "predictions": pred_path,
             "metrics_path": metrics_path,
-            **write_report(eval_dir, current_roles(cfg, manifest), cfg.eval.bleu_tokenize),
+            **_report(cfg, eval_dir, current_roles(cfg, manifest), options),
         }
 
-    e = cfg.eval
+    # 1. The prompt store: every generation input on disk, planned into length-sorted batches.
     max_prompt = e.max_prompt_len or manifest["max_seq_len"]
-    prompt_text = list(test["prompt"])
-    if pools is not None:
-        tok_path = manifest.get("tokenizer") or cfg.model.tokenizer or cfg.model.name_or_path
-        prompts, prompt_text = _fewshot_prompts(
-            tok_path, cfg.model.trust_remote_code, test, pools, e.few_shot, max_prompt
-        )
-    else:
-        prompts = [p[-max_prompt:] for p in test["prompt_ids"]]
-    batches = plan_batches([len(p) for p in prompts], e.batch_size)
-    items = [
-        {"batch": i, "index": b, "prompt_ids": [prompts[j] for j in b]}
-        for i, b in enumerate(batches)
-    ]
-    n_actors = max(1, min(e.num_workers, len(items)))
-    total_cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
-    cpus = e.cpus_per_worker if cfg.train.use_gpu else min(e.cpus_per_worker, total_cpus / n_actors)
-    log(
-        f"[eval {role}] {len(prompts)} prompts in {len(items)} batches on {n_actors} actor(s), "
-        f"model {model_path}"
-    )
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * n_actors)).map_batches(
-        Generator,
-        fn_constructor_kwargs={
-            "model_path": model_path,
-            "eval_cfg": e.model_dump(),
-            "dtype": cfg.model.dtype,
-            "use_gpu": cfg.train.use_gpu,
-            "cpus": cpus,
-            "trust_remote_code": cfg.model.trust_remote_code,
-        },
-        batch_size=1,
-        # Ray Data's actor pool defaults (max_restarts=-1, max_task_retries=-1) are what makes
-        # the predictions complete after an actor dies: it is restarted and its in-flight
-        # batches run again (tests/reliability/test_eval_faults.py).
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=cpus,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-    )
-    predictions: list[str | None] = [None] * len(prompts)
-    new_tokens = 0
-    done = 0
-    actors: dict[str, int] = {}  # batches per actor process: the load balance, and retries
-    for row in ds.iter_rows():
-        for j, text in zip(row["index"], row["predictions"], strict=True):
-            # A retried batch that came back twice would overwrite itself with the same text
-            # (seeded); the count below still checks that every prompt got a prediction.
-            predictions[int(j)] = str(text)
-        new_tokens += int(row["new_tokens"])
-        actors[str(row["actor"])] = actors.get(str(row["actor"]), 0) + 1
-        done += 1
-        if done % max(1, len(items) // 10) == 0 or done == len(items):
-            log(f"[eval {role}] {done}/{len(items)} batches")
-    seconds = time.perf_counter() - t0
-    missing = sum(p is None for p in predictions)
-    if missing:
-        raise EvalError(f"[eval {role}] {missing} of {len(predictions)} prompts got no prediction")
-    preds = [str(p) for p in predictions]
+    work = os.path.join(out_dir, ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        if pools is not None:
+            tok_path = manifest.get("tokenizer") or cfg.model.tokenizer or cfg.model.name_or_path
+            n = write_fewshot_store(
+                work,
+                cfg.data_dir,
+                manifest,
+                pools,
+                e.few_shot,
+                max_prompt,
+                tok_path,
+                cfg.model.trust_remote_code,
+            )
+        else:
+            n = write_prompt_store(work, cfg.data_dir, manifest)
+        n_batches = plan_store(work, e.batch_size, max_prompt)
 
-    tasks = task_metrics(manifest, test["task"])
-    scores = score_by_task(manifest, test, preds, bleu_tokenize=e.bleu_tokenize)
-    scores["eval/examples_per_s"] = len(preds) / seconds
+        # 2. Generation: actors get batch numbers and read their prompts from the store.
+        n_actors = max(1, min(e.num_workers, n_batches))
+        total_cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+        cpus = e.cpus_per_worker
+        if not cfg.train.use_gpu:
+            cpus = min(cpus, total_cpus / n_actors)
+        log(
+            f"[eval {role}] {n} prompts in {n_batches} batches on {n_actors} actor(s), "
+            f"model {model_path}"
+        )
+        t0 = time.perf_counter()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # Batch numbers only (8 bytes a batch), put by the driver: no read tasks, which an actor
+        # pool holding every CPU would starve (DESIGN.md: Ray Data on a 2-CPU node).
+        numbers = np.array_split(np.arange(n_batches), min(n_batches, 4 * n_actors))
+        ds = ray.data.from_numpy(numbers).map_batches(
+            Generator,
+            fn_constructor_kwargs={
+                "model_path": model_path,
+                "eval_cfg": e.model_dump(),
+                "dtype": cfg.model.dtype,
+                "use_gpu": cfg.train.use_gpu,
+                "cpus": cpus,
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "attn_implementation": cfg.model.attn_implementation,
+                "prompt_store": work,
+                "max_prompt": max_prompt,
+            },
+            batch_size=1,
+            # Ray Data's actor pool defaults (max_restarts=-1, max_task_retries=-1) are
+            # what makes the predictions complete after an actor dies: it is restarted and
+            # its in-flight batches run again (tests/reliability/test_eval_faults.py).
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_cpus=cpus,
+            num_gpus=1 if cfg.train.use_gpu else 0,
+            **_work_node_only(cfg),
+        )
+        new_tokens = 0
+        done = 0
+        actors: dict[str, int] = {}  # batches per actor process: the load balance, and retries
+        with PredictionStore(work, n, "w") as store:
+            for row in ds.iter_rows():
+                # A retried batch that came back twice overwrites itself with the same text
+                # (seeded); `missing` below still checks that every prompt got a prediction.
+                store.put(row["index"], row["predictions"])
+                new_tokens += int(row["new_tokens"])
+                actors[str(row["actor"])] = actors.get(str(row["actor"]), 0) + 1
+                done += 1
+                if done % max(1, n_batches // 10) == 0 or done == n_batches:
+                    log(f"[eval {role}] {done}/{n_batches} batches")
+            seconds = time.perf_counter() - t0
+            missing = store.missing()
+        if missing:
+            raise EvalError(f"[eval {role}] {missing} of {n} prompts got no prediction")
+
+        # 3. Outputs: predictions.jsonl in test-split order, metrics merged chunk by chunk.
+        tasks = task_metrics(manifest, test_tasks(cfg.data_dir, manifest))
+        stats = StatsByTask(tasks, options, keep_tables=boot is not None)
+        write_predictions(pred_path, work, cfg.data_dir, manifest, stats, pools is not None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    scores = stats.scores()
+    scores["eval/examples_per_s"] = n / seconds
     scores["eval/new_tokens_per_s"] = new_tokens / seconds
-    records = [
-        {
-            "id": test["id"][i],
-            "task": test["task"][i],
-            "prompt": prompt_text[i],
-            "prediction": preds[i],
-            "reference": test["reference"][i],
-        }
-        for i in range(len(preds))
-    ]
-    boot = _boot_settings(bootstrap, e.seed)
-    intervals = _intervals(tasks, records, boot, e.bleu_tokenize)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(pred_path, "".join(json.dumps(r) + "\n" for r in records))
+    intervals = stats.intervals(boot) if boot else {}
     _write_atomic(
         metrics_path,
         json.dumps(
@@ -196,6 +226,7 @@ def evaluate(
                 "few_shot": e.few_shot if pools is not None else 0,
                 "metrics": scores,
                 "tasks": tasks,
+                "metric_options": options,
                 "bootstrap": boot,
                 "intervals": intervals,
             },
@@ -203,21 +234,80 @@ def evaluate(
         ),
     )
     log(
-        f"[eval {role}] {len(preds)} predictions in {seconds:.1f}s: "
+        f"[eval {role}] {n} predictions in {seconds:.1f}s: "
         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if not k.startswith("eval/"))
     )
+    # metrics.json last: the cache check needs both, and names the predictions' identity.
+    _push(cfg, eval_dir, [f"{role}/predictions.jsonl", f"{role}/metrics.json"])
     return {
         "metrics": scores,
         "intervals": intervals,
         "predictions": pred_path,
         "metrics_path": metrics_path,
         "actors": actors,
-        **write_report(eval_dir, current_roles(cfg, manifest), e.bleu_tokenize),
+        **_report(cfg, eval_dir, current_roles(cfg, manifest), options),
     }
 
 
+def eval_root(cfg: Any) -> str:
+    """The local folder eval works in: `<output_dir>/eval`, or, when the output folder is on
+    an object store (s3://...), a local mirror of it that `_pull` fills from the store and
+    `_push` copies back (predictions, metrics, report), since the work folder, the streamed
+    predictions and the report are written in place."""
+    remote = storage.join(cfg.experiment.output_dir, "eval")
+    return storage.local_path(remote) or storage.staging_dir(remote)
+
+
+def _pull(cfg: Any, eval_dir: str) -> None:
+    """Mirror each role's outputs on the object store (if any) into `eval_dir`."""
+    remote = storage.join(cfg.experiment.output_dir, "eval")
+    if storage.local_path(remote) is not None:
+        return
+    for role in ROLES:
+        shutil.rmtree(os.path.join(eval_dir, role), ignore_errors=True)
+        for name in OUTPUT_FILES:
+            if storage.exists(src := storage.join(remote, role, name)):
+                storage.get_file(src, os.path.join(eval_dir, role, name))
+
+
+def _push(cfg: Any, eval_dir: str, names: list[str]) -> None:
+    """Copy `names` (relative to `eval_dir`) to the object store, in order; local: nothing."""
+    remote = storage.join(cfg.experiment.output_dir, "eval")
+    if storage.local_path(remote) is not None:
+        return
+    for name in names:
+        storage.put_file(os.path.join(eval_dir, name), storage.join(remote, name))
+
+
+def _report(cfg: Any, eval_dir: str, roles: list[str], options: dict[str, Any]) -> dict[str, str]:
+    out = write_report(eval_dir, roles, options)
+    _push(
+        cfg,
+        eval_dir,
+        [os.path.relpath(out["report"], eval_dir), os.path.relpath(out["chart"], eval_dir)],
+    )
+    return out
+
+
+def _work_node_only(cfg: Any) -> dict[str, Any]:
+    """Ray remote args that keep the actors on this node when the work folder is a local
+    mirror (the output folder is on an object store): other nodes cannot map its prompt store."""
+    if storage.local_path(cfg.experiment.output_dir) is not None:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 class Generator:
-    """Ray Data actor: one model replica; generates for one planned batch per call."""
+    """Ray Data actor: one model replica; generates for one planned batch per call.
+
+    In the job, each input row is a batch number (`data`) and the prompts come from the prompt
+    store (`prompt_store`, memory-mapped); called in process (benchmarks) a row may carry its
+    `batch`, `index` and `prompt_ids` instead.
+    """
 
     def __init__(
         self,
@@ -227,6 +317,9 @@ class Generator:
         use_gpu: bool,
         cpus: float,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        prompt_store: str | None = None,
+        max_prompt: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,14 +328,17 @@ class Generator:
             torch.set_num_threads(max(1, int(cpus)))
         self.cfg = eval_cfg
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.store = PromptStore(prompt_store) if prompt_store else None
+        self.max_prompt = max_prompt
         self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         torch_dtype = {
             "float32": torch.float32,
             "bfloat16": torch.bfloat16,
             "float16": torch.float16,
         }[dtype]
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
         self.model.eval()
         if use_gpu:
@@ -251,10 +347,7 @@ class Generator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
         out: dict[str, list[Any]] = {"index": [], "predictions": [], "new_tokens": [], "actor": []}
-        for b, index, prompt_ids in zip(
-            batch["batch"], batch["index"], batch["prompt_ids"], strict=True
-        ):
-            prompts = [[int(x) for x in p] for p in prompt_ids]
+        for b, index, prompts in self._batches(batch):
             texts, lengths = generate_counted(
                 self.model,
                 self.tok,
@@ -272,11 +365,227 @@ class Generator:
             out["actor"].append(self.name)
         return out
 
+    def _batches(self, batch: dict[str, Any]) -> Iterator[tuple[int, list[int], list[list[int]]]]:
+        if self.store is None:
+            for b, index, prompt_ids in zip(
+                batch["batch"], batch["index"], batch["prompt_ids"], strict=True
+            ):
+                yield int(b), list(index), [[int(x) for x in p] for p in prompt_ids]
+            return
+        order, size = self.store.order, int(self.cfg["batch_size"])
+        assert order is not None, "the prompt store has no batch plan (plan_store)"
+        for b in batch["data"]:
+            index = order[int(b) * size : (int(b) + 1) * size].tolist()
+            yield int(b), index, [self.store.prompt(j, self.max_prompt) for j in index]
 
-def task_metrics(manifest: dict[str, Any], task_of: list[str]) -> dict[str, list[str]]:
+
+# --------------------------------------------------------------------------- prompt store
+
+
+class PromptStore:
+    """The generation inputs on disk, memory-mapped: every prompt's token ids (int32, one flat
+    file and its int64 offsets, as Megatron's indexed datasets), the batch plan (`order`: test
+    rows sorted by prompt length) and, for k-shot prompts, their text."""
+
+    def __init__(self, work: str) -> None:
+        self.tokens = np.memmap(os.path.join(work, "tokens.bin"), dtype=np.int32, mode="r")
+        self.offsets = np.memmap(os.path.join(work, "offsets.bin"), dtype=np.int64, mode="r")
+        order = os.path.join(work, "order.bin")
+        self.order = np.memmap(order, dtype=np.int64, mode="r") if os.path.exists(order) else None
+
+    def prompt(self, j: int, max_len: int | None = None) -> list[int]:
+        a, b = int(self.offsets[j]), int(self.offsets[j + 1])
+        if max_len is not None:
+            a = max(a, b - max_len)  # cut from the left, as the prompt is cut everywhere
+        return [int(x) for x in self.tokens[a:b]]
+
+
+class _Appender:
+    """One growing data file and its offsets file (starting at 0), written sequentially."""
+
+    def __init__(self, work: str, data: str, offsets: str) -> None:
+        self.data = open(os.path.join(work, data), "wb")  # noqa: SIM115 - closed in close()
+        self.offsets = open(os.path.join(work, offsets), "wb")  # noqa: SIM115
+        self.end = 0
+        self.rows = 0
+        self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
+
+    def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        self.data.write(values.tobytes())
+        ends = self.end + np.cumsum(lengths, dtype=np.int64)
+        self.offsets.write(ends.tobytes())
+        self.end = int(ends[-1]) if len(ends) else self.end
+        self.rows += len(lengths)
+
+    def close(self) -> None:
+        self.data.close()
+        self.offsets.close()
+
+
+def write_prompt_store(work: str, data_dir: str, manifest: dict[str, Any]) -> int:
+    """The zero-shot prompts (prepare's `prompt_ids`, uncut) into the store; returns the rows."""
+    out = _Appender(work, "tokens.bin", "offsets.bin")
+    try:
+        for batch in _test_batches(data_dir, manifest, ["prompt_ids"]):
+            col = batch.column(0)
+            values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int32)
+            out.add(values, pc.list_value_length(col).to_numpy(zero_copy_only=False))
+    finally:
+        out.close()
+    return out.rows
+
+
+def write_fewshot_store(
+    work: str,
+    data_dir: str,
+    manifest: dict[str, Any],
+    pools: dict[str, list[dict[str, str]]],
+    k: int,
+    max_len: int,
+    tok_path: str,
+    trust_remote_code: bool,
+) -> int:
+    """k-shot ids (with the tokenizer prepare used, so exemplar and test ids agree) and their
+    text into the store, chunk by chunk; returns the rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
+    bos = tok.bos_token_id if tok.bos_token_id != tok.eos_token_id else None
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tok(texts, add_special_tokens=False)["input_ids"]  # type: ignore[no-any-return]
+
+    ids_out = _Appender(work, "tokens.bin", "offsets.bin")
+    text_out = _Appender(work, "text.bin", "text_offsets.bin")
+    try:
+        for batch in _test_batches(data_dir, manifest, ["id", "task", "prompt", "prompt_ids"]):
+            ids, texts = fewshot.build_prompts(batch.to_pydict(), pools, k, encode, bos, max_len)
+            ids_out.add(
+                np.fromiter((t for p in ids for t in p), dtype=np.int32),
+                np.array([len(p) for p in ids], dtype=np.int64),
+            )
+            raw = [t.encode("utf-8") for t in texts]
+            text_out.add(
+                np.frombuffer(b"".join(raw), dtype=np.uint8),
+                np.array([len(r) for r in raw], dtype=np.int64),
+            )
+    finally:
+        ids_out.close()
+        text_out.close()
+    return ids_out.rows
+
+
+def plan_store(work: str, batch_size: int, max_prompt: int) -> int:
+    """Writes the batch plan (`order.bin`) of a prompt store; returns the number of batches.
+
+    Batch i is rows `order[i * batch_size : (i + 1) * batch_size]`: rows sorted by prompt
+    length (after the cut to `max_prompt`), ties in row order, as `generate.plan_batches`.
+    """
+    offsets = np.memmap(os.path.join(work, "offsets.bin"), dtype=np.int64, mode="r")
+    lengths = np.minimum(np.diff(offsets), max_prompt)
+    order = np.argsort(lengths, kind="stable").astype(np.int64)
+    order.tofile(os.path.join(work, "order.bin"))
+    return -(-len(order) // batch_size)
+
+
+class PredictionStore:
+    """Predictions as they arrive, on disk: UTF-8 text appended to one file and, per test row,
+    (offset, length + 1) in a memory-mapped index (0: no prediction yet)."""
+
+    def __init__(self, work: str, rows: int, mode: str = "r") -> None:
+        self.path = os.path.join(work, "predictions.bin")
+        self.index = np.memmap(
+            os.path.join(work, "predictions.idx"),
+            dtype=np.int64,
+            mode="w+" if mode == "w" else "r",
+            shape=(rows, 2),
+        )
+        self.file = open(self.path, "ab" if mode == "w" else "rb")  # noqa: SIM115
+        self.end = self.file.seek(0, os.SEEK_END)
+
+    def __enter__(self) -> PredictionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        self.index.flush()
+
+    def put(self, index: Any, texts: Any) -> None:
+        for j, text in zip(index, texts, strict=True):
+            raw = str(text).encode("utf-8")
+            self.file.write(raw)
+            self.index[int(j)] = (self.end, len(raw) + 1)
+            self.end += len(raw)
+
+    def missing(self) -> int:
+        return sum(
+            int((self.index[a : a + CHUNK_ROWS, 1] == 0).sum())
+            for a in range(0, len(self.index), CHUNK_ROWS)
+        )
+
+    def get(self, j: int) -> str:
+        start, size = (int(x) for x in self.index[j])
+        self.file.seek(start)
+        return self.file.read(size - 1).decode("utf-8")
+
+
+def write_predictions(
+    path: str, work: str, data_dir: str, manifest: dict[str, Any], stats: StatsByTask, k_shot: bool
+) -> None:
+    """Writes `predictions.jsonl` in test-split order (atomically), adding every chunk of
+    records to `stats` on the way."""
+    prompts = _TextStore(work, "text.bin", "text_offsets.bin") if k_shot else None
+    tmp = f"{path}.tmp-{os.getpid()}"
+    j = 0
+    with open(tmp, "w", encoding="utf-8") as f, PredictionStore(work, _store_rows(work)) as preds:
+        for batch in _test_batches(data_dir, manifest, ["id", "task", "prompt", "reference"]):
+            cols = batch.to_pydict()
+            records = [
+                {
+                    "id": rid,
+                    "task": task,
+                    "prompt": prompts.get(j + i) if prompts is not None else prompt,
+                    "prediction": preds.get(j + i),
+                    "reference": reference,
+                }
+                for i, (rid, task, prompt, reference) in enumerate(
+                    zip(cols["id"], cols["task"], cols["prompt"], cols["reference"], strict=True)
+                )
+            ]
+            j += len(records)
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            stats.add(records)
+    os.replace(tmp, path)
+
+
+class _TextStore:
+    """Texts written by `_Appender` (UTF-8 bytes and offsets), memory-mapped."""
+
+    def __init__(self, work: str, data: str, offsets: str) -> None:
+        path = os.path.join(work, data)
+        self.data = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else None
+        self.offsets = np.memmap(os.path.join(work, offsets), dtype=np.int64, mode="r")
+
+    def get(self, j: int) -> str:
+        a, b = int(self.offsets[j]), int(self.offsets[j + 1])
+        return bytes(self.data[a:b]).decode("utf-8") if self.data is not None else ""
+
+
+def _store_rows(work: str) -> int:
+    return os.path.getsize(os.path.join(work, "offsets.bin")) // 8 - 1
+
+
+def _test_batches(data_dir: str, manifest: dict[str, Any], cols: list[str]) -> Iterator[Any]:
+    """The test split in order, as pyarrow record batches of at most CHUNK_ROWS rows."""
+    for f in manifest["splits"]["test"]["files"]:
+        yield from pq.ParquetFile(os.path.join(data_dir, f)).iter_batches(
+            batch_size=CHUNK_ROWS, columns=cols
+        )
+
+
+def task_metrics(manifest: dict[str, Any], present: set[str]) -> dict[str, list[str]]:
     """Metric names of each task present in the test split (the source's `metrics`, else the
     template's defaults), in manifest order."""
-    present = set(task_of)
     out: dict[str, list[str]] = {}
     for spec in manifest["templates"]:
         if spec["task"] in present:
@@ -285,24 +594,20 @@ def task_metrics(manifest: dict[str, Any], task_of: list[str]) -> dict[str, list
     return out
 
 
-def score_by_task(
-    manifest: dict[str, Any],
-    test: dict[str, list[Any]],
-    preds: list[str],
-    bleu_tokenize: str = "13a",
-) -> dict[str, float]:
-    """Metrics per task (the source's `metrics`, else the template's defaults)."""
-    scores: dict[str, float] = {}
-    for task, names in task_metrics(manifest, test["task"]).items():
-        idx = [i for i, t in enumerate(test["task"]) if t == task]
-        result = M.compute_metrics(
-            names,
-            [preds[i] for i in idx],
-            [[test["reference"][i]] for i in idx],
-            options={"bleu_tokenize": bleu_tokenize},
-        )
-        scores.update({f"{task}/{k}": float(v) for k, v in result.items()})
-    return scores
+def test_tasks(data_dir: str, manifest: dict[str, Any]) -> set[str]:
+    """The tasks present in the test split, read one column chunk at a time."""
+    present: set[str] = set()
+    for batch in _test_batches(data_dir, manifest, ["task"]):
+        present.update(pc.unique(batch.column(0)).to_pylist())
+    return present
+
+
+def metric_options(eval_cfg: Any) -> dict[str, Any]:
+    """The `eval.metrics.MetricOptions` the eval config sets (recorded in metrics.json)."""
+    return {
+        "bleu_tokenize": eval_cfg.bleu_tokenize,
+        "rouge_split_sentences": eval_cfg.rouge_split_sentences,
+    }
 
 
 def current_roles(cfg: Any, manifest: dict[str, Any]) -> list[str]:
@@ -310,7 +615,7 @@ def current_roles(cfg: Any, manifest: dict[str, Any]) -> list[str]:
     report never mixes in a stale run (e.g. the fine-tuned eval of an older training run)."""
     roles = []
     for role in ROLES:
-        out_dir = os.path.join(cfg.experiment.output_dir, "eval", role)
+        out_dir = os.path.join(eval_root(cfg), role)
         if not os.path.exists(os.path.join(out_dir, "metrics.json")):
             continue
         try:
@@ -319,8 +624,7 @@ def current_roles(cfg: Any, manifest: dict[str, Any]) -> list[str]:
             if role == "base_fewshot":
                 if cfg.eval.few_shot < 1:
                     continue
-                test_tasks = read_test_split(cfg.data_dir, manifest, ["task"])["task"]
-                pools = _exemplar_pools(cfg, manifest, test_tasks)
+                pools = _exemplar_pools(cfg, manifest, test_tasks(cfg.data_dir, manifest))
         except EvalError:
             continue
         if _cached(out_dir, _eval_hash(cfg, manifest, path, pools)) is not None:
@@ -343,9 +647,12 @@ def model_path_for(
         return str(cfg.model.name_or_path)
     uri = cfg.eval.finetuned_model
     if uri and uri.startswith(MLFLOW_SCHEMES):
-        cache = os.path.join(cfg.experiment.output_dir, "eval", MODEL_CACHE)
+        cache = os.path.join(eval_root(cfg), MODEL_CACHE)
         return fetch_mlflow_model(uri, cfg.tracking.tracking_uri, cache, log, download)
-    path = os.path.abspath(os.path.expanduser(uri)) if uri else str(cfg.model_dir)
+    local = storage.local_path(uri or str(cfg.model_dir))
+    if local is None:  # on an object store: a local copy, made once
+        return _remote_model(uri or str(cfg.model_dir), uri, download)
+    path = os.path.abspath(os.path.expanduser(local))
     if not os.path.exists(os.path.join(path, "config.json")):
         if uri:
             raise EvalError(
@@ -358,6 +665,23 @@ def model_path_for(
             "(or evaluate only the base model with eval.models=[base])"
         )
     return path
+
+
+def _remote_model(path: str, uri: str | None, download: bool) -> str:
+    """A model folder on an object store, downloaded once per node into a local cache named
+    by its URI and its files' sizes and times (`storage.cached_copy`); `download` False: only
+    a copy already there (else EvalError)."""
+    if not storage.exists(storage.join(path, "config.json")):
+        if uri:
+            raise EvalError(f"eval.finetuned_model: no Hugging Face model (config.json) in {path}")
+        raise EvalError(
+            f"no fine-tuned model at {path}: run `ift train` first "
+            "(or evaluate only the base model with eval.models=[base])"
+        )
+    try:
+        return storage.cached_copy(path, required="config.json", download=download)
+    except FileNotFoundError as e:
+        raise EvalError(f"{path}: {e}") from e
 
 
 def model_display(cfg: Any, role: str, path: str) -> str:
@@ -471,6 +795,8 @@ def _transformers_layout(local: str) -> tuple[str | None, str | None]:
 def read_test_split(
     data_dir: str, manifest: dict[str, Any], cols: list[str] | None = None
 ) -> dict[str, list[Any]]:
+    """The whole test split as Python lists: for small splits (benchmarks, tests) only; the job
+    streams it (`_test_batches`)."""
     cols = cols or ["id", "task", "prompt", "reference", "prompt_ids"]
     out: dict[str, list[Any]] = {c: [] for c in cols}
     for f in manifest["splits"]["test"]["files"]:
@@ -481,35 +807,15 @@ def read_test_split(
 
 
 def _exemplar_pools(
-    cfg: Any, manifest: dict[str, Any], tasks: list[str]
+    cfg: Any, manifest: dict[str, Any], tasks: set[str]
 ) -> dict[str, list[dict[str, str]]]:
     try:
-        return fewshot.read_exemplars(cfg.data_dir, manifest, tasks)
+        return fewshot.read_exemplars(cfg.data_dir, manifest, sorted(tasks))
     except FileNotFoundError as e:
         raise EvalError(
             f"eval.few_shot: no exemplar file {e.filename}: prepare the data again with "
             "data.exemplars >= eval.few_shot"
         ) from e
-
-
-def _fewshot_prompts(
-    tok_path: str,
-    trust_remote_code: bool,
-    test: dict[str, list[Any]],
-    pools: dict[str, list[dict[str, str]]],
-    k: int,
-    max_len: int,
-) -> tuple[list[list[int]], list[str]]:
-    """k-shot ids with the tokenizer prepare used (so exemplar and test ids agree)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    bos = tok.bos_token_id if tok.bos_token_id != tok.eos_token_id else None
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tok(texts, add_special_tokens=False)["input_ids"]  # type: ignore[no-any-return]
-
-    return fewshot.build_prompts(test, pools, k, encode, bos, max_len)
 
 
 def _eval_hash(
@@ -518,17 +824,35 @@ def _eval_hash(
     model_path: str,
     pools: dict[str, list[dict[str, str]]] | None = None,
 ) -> str:
-    model_id = model_path
+    """The cache key of a role's outputs: everything that can change a prediction or a score.
+
+    That is the model (its training run, else its folder's files, tokenizer included), how
+    it is loaded and run (dtype, attention kernel, remote code, CPU or GPU, the transformers
+    and torch versions), the data (fingerprint, prompt cut, the tokenizer k-shot prompts
+    use), every eval setting but the few that cannot (below), and this job's version.
+    """
+    model_id: Any = _folder_identity(model_path)
     state = os.path.join(model_path, "ift_train.json")
     if os.path.exists(state):  # a fine-tuned model: its identity is the run that made it
         with open(state) as f:
             model_id = json.load(f)["run_hash"]
     payload: dict[str, Any] = {
+        "version": EVAL_VERSION,
         "model": model_id,
+        "runtime": {
+            "dtype": cfg.model.dtype,
+            "attn_implementation": cfg.model.attn_implementation,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "device": "cuda" if cfg.train.use_gpu else "cpu",
+            "transformers": importlib.metadata.version("transformers"),
+            "torch": importlib.metadata.version("torch"),
+        },
         "data": manifest["fingerprint"],
+        "max_seq_len": manifest.get("max_seq_len"),
         # Settings that cannot change a prediction stay out: the actor count, and `bootstrap`,
         # whose intervals are recomputed from cached predictions. `few_shot` counts only for
-        # the k-shot role, and `finetuned_model` only through the model it names.
+        # the k-shot role, and `finetuned_model` only through the model it names. The batch
+        # size stays in: it sets the padding and each batch's sampling seed.
         "eval": {
             k: v
             for k, v in cfg.eval.model_dump(mode="json").items()
@@ -544,8 +868,20 @@ def _eval_hash(
         },
     }
     if pools is not None:
-        payload["few_shot"] = {"k": cfg.eval.few_shot, "exemplars": pools}
+        payload["few_shot"] = {
+            "k": cfg.eval.few_shot,
+            "exemplars": pools,
+            "tokenizer": manifest.get("tokenizer") or cfg.model.tokenizer or cfg.model.name_or_path,
+        }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _folder_identity(path: str) -> list[Any]:
+    """A model folder as (path, then name, size, mtime_ns of each file): cheap to compute and
+    changed by any rewrite of the weights, config or tokenizer."""
+    entries = os.scandir(path) if os.path.isdir(path) else iter(())
+    files = sorted((e for e in entries if e.is_file()), key=lambda e: e.name)
+    return [path, *[(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files]]
 
 
 def _cached(out_dir: str, key: str) -> dict[str, Any] | None:
@@ -561,26 +897,6 @@ def _cached(out_dir: str, key: str) -> dict[str, Any] | None:
 
 def _boot_settings(samples: int, seed: int) -> dict[str, Any] | None:
     return {"samples": samples, "seed": seed, "confidence": CONFIDENCE} if samples > 0 else None
-
-
-def _intervals(
-    tasks: dict[str, list[str]],
-    records: list[dict[str, Any]],
-    boot: dict[str, Any] | None,
-    bleu_tokenize: str,
-) -> dict[str, tuple[float, float]]:
-    if boot is None:
-        return {}
-    samples = bootstrap_by_task(
-        tasks,
-        [r["task"] for r in records],
-        [r["prediction"] for r in records],
-        [[r["reference"]] if isinstance(r["reference"], str) else r["reference"] for r in records],
-        n=boot["samples"],
-        seed=boot["seed"],
-        bleu_tokenize=bleu_tokenize,
-    )
-    return intervals_of(samples, boot["confidence"])
 
 
 def _write_atomic(path: str, text: str) -> None:

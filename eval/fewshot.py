@@ -17,11 +17,13 @@ prompt that alone is too long is cut, exactly as in zero-shot. No Ray, no model 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from data_pipeline import storage
 
 SEPARATOR = "\n\n"
 
@@ -39,9 +41,11 @@ def read_exemplars(
     out: dict[str, list[dict[str, str]]] = {}
     for task in sorted(set(tasks)):
         rel = listed.get(task, {}).get("file", f"exemplars/{task}.jsonl")
-        path = os.path.join(data_dir, rel)
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        path = storage.join(data_dir, rel)  # local, or under the data's prefix on S3
+        if not storage.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no such exemplar file", path)
+        lines = storage.read_bytes(path).decode("utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
         out[task] = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
     return out
 

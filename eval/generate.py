@@ -37,19 +37,89 @@ class StopOnText:
     prediction: decoding more tokens only appends text after the stop string, which the cut
     removes anyway. Finished rows are padded by `generate` and draw no further tokens that
     matter; other rows' sampling is unchanged, since each step still samples the whole batch.
+
+    Each step costs O(new text) per row, not O(all generated tokens): every row's text is
+    detokenized incrementally (`_RowText`) and only its new tail, plus the last characters
+    a stop string could begin in, is searched. A hit is confirmed on the full decode once,
+    so a tokenizer whose incremental text drifts can only stop a row later, never earlier
+    or differently; the final text is always the full decode cut by `cut_at_stop`.
     """
 
     def __init__(self, tok: Any, stops: list[str], prompt_width: int) -> None:
         self.tok = tok
         self.stops = [s for s in stops if s]
         self.width = prompt_width
+        self.rows: list[_RowText] = []
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        texts = self.tok.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        done = [any(s in t.lstrip() for s in self.stops) for t in texts]
+        if not self.rows:
+            self.rows = [_RowText(self.tok, self.stops) for _ in range(input_ids.shape[0])]
+        seen = len(self.rows[0].ids)
+        new = input_ids[:, self.width + seen :].tolist()  # only the columns not seen yet
+        done = [row.extend(ids) for row, ids in zip(self.rows, new, strict=True)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowText:
+    """One row's generated text, detokenized incrementally, and whether it holds a stop.
+
+    Incremental detokenization as in text-generation-inference and vLLM: the text of
+    `ids[prefix:]` minus the text of `ids[prefix:read]` is what the newest tokens add, decoded
+    with a little context so SentencePiece spaces and multi-byte characters come out right;
+    an unfinished character (U+FFFD at the end) waits for its next token.
+    """
+
+    def __init__(self, tok: Any, stops: list[str]) -> None:
+        self.tok = tok
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.replacement = any("\ufffd" in s for s in stops)
+        self.ids: list[int] = []
+        self.text = ""
+        self.lead = 0  # leading whitespace characters of `text` (cut_at_stop's lstrip)
+        self.prefix = 0
+        self.read = 0
+        self.done = False
+
+    def extend(self, new_ids: list[int]) -> bool:
+        """Adds a step's tokens; True once the text (after leading whitespace) holds a stop."""
+        self.ids.extend(new_ids)
+        if self.done or not new_ids:
+            return self.done
+        if self.replacement:
+            # U+FFFD counts differ between a window's decode and the full one (orphan bytes):
+            # such stop strings get the full decode at every step.
+            self.done = any(s in self._decode(self.ids).lstrip() for s in self.stops)
+            return self.done
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        tail = now[len(before) :] if len(now) > len(before) else ""
+        # The tail is searched even while it ends in an unfinished character (it is committed
+        # only once complete), so a stop is seen at the same step as on the full decode.
+        view = self.text + tail
+        lead = self.lead + (_leading_space(tail) if self.lead == len(self.text) else 0)
+        # A new match ends after the committed text; it starts after the leading whitespace.
+        start = max(lead, len(self.text) - self.longest + 1)
+        if any(view.find(s, start) >= 0 for s in self.stops):
+            full = self._decode(self.ids)
+            self.done = any(s in full.lstrip() for s in self.stops)
+            if not self.done:  # the incremental text drifted from the full decode: resync
+                self.text, self.lead = full, _leading_space(full)
+                self.prefix = self.read = len(self.ids)
+                return False
+        if tail and not now.endswith("\ufffd"):
+            self.text, self.lead = view, lead
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.done
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(ids, skip_special_tokens=True))
+
+
+def _leading_space(text: str) -> int:
+    return len(text) - len(text.lstrip())
 
 
 def generate(model: Any, tok: Any, prompts: list[list[int]], **options: Any) -> list[str]:

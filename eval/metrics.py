@@ -32,8 +32,9 @@ may have different numbers of references.
   sacreBLEU skips for that line (its documented way to give a variable number of references).
 - ROUGE: ``rouge_score.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
   use_stemmer=True)``; with several references ``score_multi`` (per key, the reference with
-  the highest F-measure). The mean F-measure is reported. rougeLsum needs one sentence per
-  line, see ``split_sentences``.
+  the highest F-measure). The mean F-measure is reported, exactly rouge-score's numbers on the
+  same strings. rougeLsum treats each line as a sentence; ``rouge_split_sentences`` (off by
+  default) first puts one sentence per line, see ``split_sentences``.
 - accuracy: a prediction is right if it matches any reference after ``normalize_label``.
 - exact_match / f1: the official SQuAD v1.1 ``evaluate-v1.1.py`` definitions (max over
   references).
@@ -51,11 +52,13 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sacrebleu.metrics import BLEU, CHRF
+
+if TYPE_CHECKING:
+    from sacrebleu.metrics import BLEU, CHRF
 
 METRIC_NAMES: tuple[str, ...] = (
     "bleu",
@@ -101,8 +104,10 @@ class MetricOptions:
     """chrF recall weight."""
     rouge_use_stemmer: bool = True
     """Porter-stem tokens longer than 3 characters before ROUGE (rouge-score's option)."""
-    rouge_split_sentences: bool = True
-    """Put one sentence per line (``split_sentences``) before rougeLsum; off: score as is."""
+    rouge_split_sentences: bool = False
+    """Put one sentence per line (``split_sentences``, a punctuation heuristic) before
+    rougeLsum. Off (the default), texts are scored as given, exactly as rouge-score does:
+    rougeLsum then splits at existing newlines only and equals rougeL on text without one."""
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | MetricOptions | None) -> MetricOptions:
@@ -137,6 +142,9 @@ class MetricOptions:
         if problems:
             raise ValueError("; ".join(problems))
         result = cls(**options)
+        # Imported here: `ift score --help` and the config check need no sacreBLEU.
+        from sacrebleu.metrics import BLEU
+
         if result.bleu_tokenize not in BLEU.TOKENIZERS:
             raise ValueError(
                 f"unknown bleu_tokenize {result.bleu_tokenize!r} "
@@ -155,6 +163,9 @@ class MetricStats:
         num_examples: Number of examples covered.
         counts: Integer statistics summed over the examples (count metrics).
         values: One tuple of floats per example, in corpus order (mean metrics).
+        sums: Mean metrics folded by ``fold_stats``: the left-to-right totals of the values of
+            the examples before ``values``, so a stream of shards keeps O(1) state and still
+            gives the float a single pass gives.
     """
 
     name: str
@@ -162,6 +173,7 @@ class MetricStats:
     num_examples: int
     counts: tuple[int, ...] = ()
     values: tuple[tuple[float, ...], ...] = ()
+    sums: tuple[float, ...] = ()
 
 
 # --------------------------------------------------------------------------- public API
@@ -218,6 +230,9 @@ def merge_stats(name: str, stats: Sequence[MetricStats]) -> MetricStats:
                 f"merge_stats({name!r}): cannot merge {shard.name!r} statistics with "
                 f"settings {dict(shard.params)} into {first.name!r} with {dict(first.params)}"
             )
+    if any(shard.sums for shard in stats[1:]):
+        # Folded totals stand for the examples before `values`: only the first shard has any.
+        raise ValueError(f"merge_stats({name!r}): only the first shard may be folded")
     non_empty = [s.counts for s in stats if s.counts]
     counts = tuple(sum(column) for column in zip(*non_empty, strict=True)) if non_empty else ()
     values = tuple(v for shard in stats for v in shard.values)
@@ -227,7 +242,25 @@ def merge_stats(name: str, stats: Sequence[MetricStats]) -> MetricStats:
         num_examples=sum(s.num_examples for s in stats),
         counts=counts,
         values=values,
+        sums=first.sums,
     )
+
+
+def fold_stats(stats: MetricStats) -> MetricStats:
+    """Folds a mean metric's per-example values into running totals (count metrics: as is).
+
+    ``fold_stats(merge_stats(name, [acc, shard]))`` over a stream of shards keeps constant
+    memory, and ``finalize`` gives exactly the float a single pass gives: the totals are
+    added left to right in corpus order, as ``finalize`` adds the values.
+    """
+    if not stats.values:
+        return stats
+    width = len(stats.values[0])
+    totals = list(stats.sums) if stats.sums else [0.0] * width
+    for v in stats.values:
+        for i in range(width):
+            totals[i] += v[i]
+    return dataclasses.replace(stats, values=(), sums=tuple(totals))
 
 
 def finalize(name: str, stats: MetricStats) -> dict[str, float]:
@@ -257,11 +290,9 @@ def finalize(name: str, stats: MetricStats) -> dict[str, float]:
         chrf = _make_chrf(params)
         return {"chrf": float(chrf._compute_score_from_stats(list(stats.counts)).score)}
     if name == "rouge":
-        return {
-            key: _mean_percent([v[i] for v in stats.values], n) for i, key in enumerate(ROUGE_KEYS)
-        }
+        return {key: _mean_percent(stats, i, n) for i, key in enumerate(ROUGE_KEYS)}
     if name == "f1":
-        return {"f1": _mean_percent([v[0] for v in stats.values], n)}
+        return {"f1": _mean_percent(stats, 0, n)}
     if name in ("accuracy", "exact_match"):
         correct, total = stats.counts or (0, 0)
         return {name: 100.0 * correct / total if total else 0.0}
@@ -492,10 +523,10 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a metric.
 
-    Draws ``n`` resamples of the examples with replacement (numpy ``default_rng(seed)``),
-    recomputes the corpus score from the resampled per-example statistics (BLEU/chrF stay
-    corpus-level, as in sacreBLEU's own bootstrap) and returns the
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles.
+    Draws ``n`` resamples of the examples with replacement (``resample_chunks``), recomputes
+    the corpus score from the resampled per-example statistics (BLEU/chrF stay corpus-level,
+    as in sacreBLEU's own bootstrap) and returns the ``(1 - confidence) / 2`` and
+    ``(1 + confidence) / 2`` percentiles.
 
     Args:
         name: The metric name.
@@ -510,22 +541,67 @@ def bootstrap_ci(
     Returns:
         (low, high) on the 0-100 scale.
     """
-    _check_name(name)
-    refs = _check_inputs(predictions, references)
-    # One resampling loop for both APIs: the (n, examples) index table drawn at once holds
-    # the same draws as n successive `integers(0, m, size=m)` calls on the same generator.
-    samples = bootstrap_scores(
-        name, predictions, refs, bootstrap_indices(len(refs), n, seed), options
-    )
+    table = example_stats(name, predictions, references, options)
+    samples = bootstrap_table(name, table, n, seed, options)
     return percentile_interval(samples[key or next(iter(samples))], confidence)
 
 
-def bootstrap_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
-    """Resample indices for a percentile bootstrap: ``n`` rows of ``num_examples`` draws.
+def example_stats(
+    name: str,
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    options: Mapping[str, Any] | MetricOptions | None = None,
+) -> np.ndarray:
+    """Per-example statistics of one metric as a numeric table, the input of a bootstrap.
 
-    The indices depend only on (num_examples, n, seed), so two systems scored on the same test
-    set with the same seed see the same resamples: their per-resample differences form a
-    paired bootstrap of the delta.
+    Count metrics give int64 rows (sacreBLEU's segment statistics, (correct, total), ...),
+    mean metrics float64 rows (ROUGE's four F-measures, F1). Tables of consecutive chunks
+    concatenate (``np.concatenate``) into the table of the whole corpus, so a caller can
+    build it from a stream without holding the texts.
+
+    Args:
+        name: The metric name.
+        predictions: One prediction per example.
+        references: One list of references per example.
+        options: ``MetricOptions`` fields as a dict.
+
+    Returns:
+        An array of shape (examples, statistics per example); (0, 0) for no example.
+    """
+    _check_name(name)
+    opts = MetricOptions.from_dict(options)
+    refs = _check_inputs(predictions, references)
+    _, segments = _segment_stats(name, list(predictions), refs, opts)
+    dtype = np.int64 if name in _COUNT_METRICS else np.float64
+    return np.asarray(segments, dtype=dtype).reshape(len(segments), -1 if segments else 0)
+
+
+def stats_of_table(
+    name: str, table: np.ndarray, options: Mapping[str, Any] | MetricOptions | None = None
+) -> MetricStats:
+    """The ``metric_stats`` of the examples an ``example_stats`` table holds.
+
+    Args:
+        name: The metric name.
+        table: ``example_stats(name, ...)`` of some examples.
+        options: The ``MetricOptions`` the table was made with.
+
+    Returns:
+        Statistics equal to ``metric_stats`` on the same examples.
+    """
+    _check_name(name)
+    params = _metric_params(name, MetricOptions.from_dict(options))
+    if name in _COUNT_METRICS:
+        counts = tuple(int(c) for c in table.sum(axis=0)) if len(table) else ()
+        return MetricStats(name, params, len(table), counts=counts)
+    return MetricStats(name, params, len(table), values=tuple(map(tuple, table.tolist())))
+
+
+def bootstrap_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
+    """All resample indices at once: ``n`` rows of ``num_examples`` draws.
+
+    The same rows ``resample_chunks`` yields chunk by chunk; for small test sets and tests
+    only (``n * num_examples`` int64s), the bootstrap itself never builds this table.
 
     Args:
         num_examples: Size of the test set (> 0).
@@ -535,9 +611,72 @@ def bootstrap_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
     Returns:
         An int64 array of shape ``(n, num_examples)``.
     """
+    return np.concatenate(list(resample_chunks(num_examples, n, seed)))
+
+
+def resample_chunks(
+    num_examples: int, n: int, seed: int, max_elements: int = 1 << 22
+) -> Iterator[np.ndarray]:
+    """Resample indices in chunks of whole resamples, at most ``max_elements`` draws each.
+
+    The draws depend only on (num_examples, n, seed), never on the chunk size: numpy's
+    generator fills arrays row by row from one stream. So two systems scored on the same
+    test set with the same seed see the same resamples, and their per-resample differences
+    form a paired bootstrap of the delta.
+
+    Args:
+        num_examples: Size of the test set (> 0).
+        n: Number of resamples.
+        seed: Seed of numpy's ``default_rng``.
+        max_elements: Most indices drawn at once (memory: 8 bytes each, a few times over).
+
+    Yields:
+        int64 arrays of shape ``(rows, num_examples)``, ``n`` rows in all.
+    """
     if num_examples <= 0:
         raise ValueError("no examples to bootstrap")
-    return np.random.default_rng(seed).integers(0, num_examples, size=(n, num_examples))
+    rng = np.random.default_rng(seed)
+    rows = max(1, min(n, max_elements // num_examples))
+    for start in range(0, n, rows):
+        yield rng.integers(0, num_examples, size=(min(rows, n - start), num_examples))
+
+
+def bootstrap_table(
+    name: str,
+    table: np.ndarray,
+    n: int,
+    seed: int,
+    options: Mapping[str, Any] | MetricOptions | None = None,
+    max_elements: int = 1 << 22,
+) -> dict[str, np.ndarray]:
+    """Every reported key of a metric on ``n`` bootstrap resamples of ``example_stats``.
+
+    Memory is bounded by ``max_elements`` whatever ``n``: resamples are drawn in chunks
+    (``resample_chunks``), each turned into how often it drew each example (a count per
+    example), and the resampled statistics are that count matrix times the table. Count
+    metrics stay exact (float64 sums of integers below 2**53) and go through ``finalize``
+    (BLEU/chrF stay corpus scores, as in sacreBLEU's own bootstrap); mean metrics are the
+    weighted mean, equal to averaging the drawn rows up to float rounding (~1e-15).
+
+    Args:
+        name: The metric name.
+        table: ``example_stats`` of the test set, one row per example.
+        n: Number of resamples.
+        seed: Seed of the resampling.
+        options: ``MetricOptions`` fields as a dict (the settings ``table`` was made with).
+        max_elements: Most indices drawn at once.
+
+    Returns:
+        Reported key -> float array of ``n`` scores (0-100).
+    """
+    num = len(table)
+    return _weighted_scores(
+        name,
+        table,
+        options,
+        (_draw_counts(idx, num) for idx in resample_chunks(num, n, seed, max_elements)),
+        n,
+    )
 
 
 def bootstrap_scores(
@@ -547,10 +686,7 @@ def bootstrap_scores(
     indices: np.ndarray,
     options: Mapping[str, Any] | MetricOptions | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every reported key of a metric on every bootstrap resample.
-
-    Per-example statistics are computed once; each resample then sums (BLEU/chrF stay corpus
-    scores, as in sacreBLEU's own bootstrap) or averages them.
+    """Every reported key of a metric on given resamples (rows of ``indices``).
 
     Args:
         name: The metric name.
@@ -562,25 +698,12 @@ def bootstrap_scores(
     Returns:
         Reported key -> float array of ``n`` scores (0-100).
     """
-    _check_name(name)
-    opts = MetricOptions.from_dict(options)
-    refs = _check_inputs(predictions, references)
-    if not refs:
+    table = example_stats(name, predictions, references, options)
+    if not len(table):
         raise ValueError("no examples to bootstrap")
-    params, segments = _segment_stats(name, list(predictions), refs, opts)
-    keys = list(finalize(name, _stats_from_segments(name, params, segments)))
-    if name not in _COUNT_METRICS:
-        # Mean metrics: one column per key, in finalize's key order.
-        table = np.asarray(segments, dtype=np.float64)
-        means = 100.0 * table[indices].mean(axis=1)
-        return {k: means[:, i] for i, k in enumerate(keys)}
-    counts = np.asarray(segments, dtype=np.int64)[indices].sum(axis=1)
-    out = {k: np.empty(len(indices), dtype=np.float64) for k in keys}
-    for r, row in enumerate(counts):
-        stats = MetricStats(name, params, indices.shape[1], tuple(int(c) for c in row))
-        for k, v in finalize(name, stats).items():
-            out[k][r] = v
-    return out
+    step = max(1, (1 << 22) // len(table))
+    chunks = (_draw_counts(indices[i : i + step], len(table)) for i in range(0, len(indices), step))
+    return _weighted_scores(name, table, options, chunks, len(indices))
 
 
 def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -595,6 +718,44 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[
 _SQUAD_PUNCT = frozenset(string.punctuation)
 _NO_ENTITY = frozenset({"", "none", "no entities", "no entity", "n/a", "-"})
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'”’)\]])\s+")
+
+
+def _draw_counts(indices: np.ndarray, num_examples: int) -> np.ndarray:
+    """How often each resample (row) drew each example, as float64 (rows, num_examples)."""
+    rows = len(indices)
+    flat = indices + (np.arange(rows, dtype=np.int64) * num_examples)[:, None]
+    counts = np.bincount(flat.ravel(), minlength=rows * num_examples)
+    del flat
+    return counts.reshape(rows, num_examples).astype(np.float64)
+
+
+def _weighted_scores(
+    name: str,
+    table: np.ndarray,
+    options: Mapping[str, Any] | MetricOptions | None,
+    weights: Iterable[np.ndarray],
+    n: int,
+) -> dict[str, np.ndarray]:
+    """Scores of each resample given as draw counts per example (chunks of rows)."""
+    _check_name(name)
+    if not len(table):
+        raise ValueError("no examples to bootstrap")
+    params = _metric_params(name, MetricOptions.from_dict(options))
+    num = len(table)
+    values = table.astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    r = 0
+    for w in weights:
+        sums = w @ values  # (rows, statistics): exact for integer counts below 2**53
+        for row in sums:
+            if name in _COUNT_METRICS:
+                stats = MetricStats(name, params, num, tuple(int(c) for c in np.rint(row)))
+            else:
+                stats = MetricStats(name, params, num, sums=tuple(float(x) for x in row))
+            for k, v in finalize(name, stats).items():
+                out.setdefault(k, np.empty(n, dtype=np.float64))[r] = v
+            r += 1
+    return out
 
 
 def _check_name(name: str) -> None:
@@ -654,19 +815,12 @@ def _segment_stats(
     name: str, predictions: list[str], references: list[list[str]], opts: MetricOptions
 ) -> tuple[tuple[tuple[str, Any], ...], list[tuple[Any, ...]]]:
     """Per-example statistics of one metric, plus the settings the score depends on."""
+    params = _metric_params(name, opts)
     if name == "bleu":
-        params = _bleu_params(opts)
-        bleu = _make_bleu(dict(params))
-        return params, _sacrebleu_segments(bleu, predictions, references)
+        return params, _sacrebleu_segments(_make_bleu(dict(params)), predictions, references)
     if name == "chrf":
-        params = _chrf_params(opts)
-        chrf = _make_chrf(dict(params))
-        return params, _sacrebleu_segments(chrf, predictions, references)
+        return params, _sacrebleu_segments(_make_chrf(dict(params)), predictions, references)
     if name == "rouge":
-        params = (
-            ("use_stemmer", opts.rouge_use_stemmer),
-            ("split_sentences", opts.rouge_split_sentences),
-        )
         return params, _rouge_segments(predictions, references, opts)
     per_example: Callable[[str, list[str]], tuple[Any, ...]]
     if name == "accuracy":
@@ -691,7 +845,21 @@ def _segment_stats(
             tp = sum((pred_ents & gold_ents).values())
             return (tp, sum(pred_ents.values()), sum(gold_ents.values()))
 
-    return (), [per_example(p, r) for p, r in zip(predictions, references, strict=True)]
+    return params, [per_example(p, r) for p, r in zip(predictions, references, strict=True)]
+
+
+def _metric_params(name: str, opts: MetricOptions) -> tuple[tuple[str, Any], ...]:
+    """The settings a metric's score depends on (shards merge only if they agree)."""
+    if name == "bleu":
+        return _bleu_params(opts)
+    if name == "chrf":
+        return _chrf_params(opts)
+    if name == "rouge":
+        return (
+            ("use_stemmer", opts.rouge_use_stemmer),
+            ("split_sentences", opts.rouge_split_sentences),
+        )
+    return ()
 
 
 def _bleu_params(opts: MetricOptions) -> tuple[tuple[str, Any], ...]:
@@ -713,6 +881,8 @@ def _chrf_params(opts: MetricOptions) -> tuple[tuple[str, Any], ...]:
 
 
 def _make_bleu(params: dict[str, Any]) -> BLEU:
+    from sacrebleu.metrics import BLEU
+
     return BLEU(
         lowercase=params["lowercase"],
         tokenize=params["tokenize"],
@@ -722,6 +892,8 @@ def _make_bleu(params: dict[str, Any]) -> BLEU:
 
 
 def _make_chrf(params: dict[str, Any]) -> CHRF:
+    from sacrebleu.metrics import CHRF
+
     return CHRF(
         char_order=params["char_order"],
         word_order=params["word_order"],
@@ -806,17 +978,18 @@ def _porter() -> Any:
     return porter.PorterStemmer()
 
 
-def _mean_percent(values: list[float], n: int) -> float:
-    """100 * mean, adding in corpus order like the official SQuAD script does.
+def _mean_percent(stats: MetricStats, column: int, n: int) -> float:
+    """100 * mean of one column, adding in corpus order like the official SQuAD script does.
 
     A plain left-to-right loop rather than ``sum`` (compensated since Python 3.12) or numpy
-    (pairwise) so that the result is one fixed, reproducible float.
+    (pairwise) so that the result is one fixed, reproducible float; folded totals
+    (``fold_stats``) are where that loop left off.
     """
     if n == 0:
         return 0.0
-    total = 0.0
-    for v in values:
-        total += v
+    total = stats.sums[column] if stats.sums else 0.0
+    for v in stats.values:
+        total += v[column]
     return 100.0 * total / n
 
 
@@ -828,9 +1001,12 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_indices",
     "bootstrap_scores",
+    "bootstrap_table",
     "compute_metrics",
     "default_metrics",
+    "example_stats",
     "finalize",
+    "fold_stats",
     "label_matches",
     "merge_stats",
     "metric_stats",
@@ -838,7 +1014,9 @@ __all__ = [
     "normalize_label",
     "parse_entities",
     "percentile_interval",
+    "resample_chunks",
     "split_sentences",
     "squad_exact_match",
+    "stats_of_table",
     "squad_f1",
 ]

@@ -14,9 +14,10 @@ roles whose outputs match the current model, data and settings. No Ray and no ML
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,74 @@ REPORT_FILE = "report.md"
 CHART_FILE = "comparison.png"
 
 
+class StatsByTask:
+    """The metrics of every task, merged from each chunk of records as it goes by.
+
+    Per `(task, metric)` the statistics are merged and folded (`eval.metrics.fold_stats`), so
+    the scores are those of one pass over the whole split in constant memory; with
+    `keep_tables` the per-example statistics (`eval.metrics.example_stats`, a few numbers per
+    example) are kept for a bootstrap, which resamples them (`bootstrap`).
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[str]],
+        options: Mapping[str, Any] | None = None,
+        keep_tables: bool = False,
+    ) -> None:
+        self.tasks = {t: list(names) for t, names in tasks.items()}
+        self.options = dict(options or {})
+        self.keep_tables = keep_tables
+        self.stats: dict[tuple[str, str], M.MetricStats] = {}
+        self.tables: dict[tuple[str, str], list[np.ndarray]] = {}
+
+    def add(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Adds a chunk of `{"task", "prediction", "reference"}` records, in corpus order."""
+        by_task: dict[str, list[Mapping[str, Any]]] = {}
+        for r in records:
+            by_task.setdefault(str(r["task"]), []).append(r)
+        for task, rows in by_task.items():
+            preds = [str(r["prediction"]) for r in rows]
+            refs = [_refs(r["reference"]) for r in rows]
+            for name in self.tasks.get(task, []):
+                table = M.example_stats(name, preds, refs, self.options)
+                stats = M.stats_of_table(name, table, self.options)
+                prev = self.stats.get((task, name))
+                merged = stats if prev is None else M.merge_stats(name, [prev, stats])
+                self.stats[(task, name)] = M.fold_stats(merged)
+                if self.keep_tables:
+                    self.tables.setdefault((task, name), []).append(table)
+
+    def scores(self) -> dict[str, float]:
+        """`<task>/<key>` -> score, tasks and metrics in `tasks` order."""
+        out: dict[str, float] = {}
+        for task, names in self.tasks.items():
+            for name in names:
+                if (task, name) in self.stats:
+                    result = M.finalize(name, self.stats[(task, name)])
+                    out.update({f"{task}/{k}": float(v) for k, v in result.items()})
+        return out
+
+    def bootstrap(self, n: int, seed: int) -> dict[str, np.ndarray]:
+        """`<task>/<key>` -> `n` bootstrap scores, each task's examples resampled.
+
+        The resamples depend only on the task's example count and `seed`, so two models
+        scored on the same test split (in the same order) get paired samples: `ft - base` is
+        a paired bootstrap of the delta.
+        """
+        out: dict[str, np.ndarray] = {}
+        for (task, name), parts in self.tables.items():
+            table = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            samples = M.bootstrap_table(name, table, n, seed, self.options)
+            out.update({f"{task}/{k}": v for k, v in samples.items()})
+        return out
+
+    def intervals(self, boot: Mapping[str, Any]) -> dict[str, Interval]:
+        """Percentile intervals under `{"samples", "seed", "confidence"}` settings."""
+        samples = self.bootstrap(int(boot["samples"]), int(boot["seed"]))
+        return intervals_of(samples, float(boot["confidence"]))
+
+
 def bootstrap_by_task(
     tasks: Mapping[str, Sequence[str]],
     task_of: Sequence[str],
@@ -37,12 +106,10 @@ def bootstrap_by_task(
     n: int,
     seed: int,
     bleu_tokenize: str = "13a",
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Bootstrap samples of every `<task>/<key>` score, resampling each task's examples.
-
-    The resamples depend only on the task's example count and `seed`, so two models scored on
-    the same test split (in the same order) get paired samples: `ft - base` is a paired
-    bootstrap of the delta.
+    """Bootstrap samples of every `<task>/<key>` score from in-memory lists
+    (`StatsByTask.bootstrap`; `bootstrap_file` streams a predictions file instead).
 
     Args:
         tasks: Task name -> metric names (as in `metrics.json`'s `tasks`).
@@ -51,25 +118,33 @@ def bootstrap_by_task(
         references: The references of each example.
         n: Number of resamples.
         seed: Resampling seed.
-        bleu_tokenize: sacreBLEU tokenizer for BLEU.
+        bleu_tokenize: sacreBLEU tokenizer for BLEU (when `options` is None).
+        options: `eval.metrics.MetricOptions` fields.
 
     Returns:
         `<task>/<key>` -> array of `n` scores (0-100).
     """
-    out: dict[str, np.ndarray] = {}
-    for task, names in tasks.items():
-        idx = [i for i, t in enumerate(task_of) if t == task]
-        if not idx:
-            continue
-        indices = M.bootstrap_indices(len(idx), n, seed)
-        preds = [predictions[i] for i in idx]
-        refs = [list(references[i]) for i in idx]
-        for name in names:
-            samples = M.bootstrap_scores(
-                name, preds, refs, indices, options={"bleu_tokenize": bleu_tokenize}
-            )
-            out.update({f"{task}/{k}": v for k, v in samples.items()})
-    return out
+    stats = StatsByTask(tasks, options or {"bleu_tokenize": bleu_tokenize}, keep_tables=True)
+    stats.add(
+        [
+            {"task": t, "prediction": p, "reference": list(r)}
+            for t, p, r in zip(task_of, predictions, references, strict=True)
+        ]
+    )
+    return stats.bootstrap(n, seed)
+
+
+def bootstrap_file(
+    path: str,
+    tasks: Mapping[str, Sequence[str]],
+    boot: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Interval]:
+    """Bootstrap intervals of a `predictions.jsonl` file, read one chunk at a time."""
+    stats = StatsByTask(tasks, options, keep_tables=True)
+    for chunk in iter_predictions(path):
+        stats.add(chunk)
+    return stats.intervals(boot)
 
 
 def intervals_of(samples: Mapping[str, np.ndarray], confidence: float) -> dict[str, Interval]:
@@ -84,6 +159,7 @@ def build_markdown(
     bootstrap: Mapping[str, Any] | None = None,
     models: Mapping[str, str] | None = None,
     few_shot: int | None = None,
+    rouge_split: Sequence[str] = (),
 ) -> str:
     """The report as Markdown: one table of task metrics, one of generation throughput.
 
@@ -95,6 +171,8 @@ def build_markdown(
         bootstrap: `{"samples", "seed", "confidence"}`, described under the table.
         models: Role -> model path or URI.
         few_shot: Exemplars per prompt of the `base_fewshot` role, shown with its model.
+        rouge_split: Roles scored with `rouge_split_sentences` on: a note says their
+            rougeLsum is not rouge-score's on the raw text.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -134,6 +212,14 @@ def build_markdown(
             else "."
         )
     lines += [note, ""]
+    if rouge_split and any("rougeLsum" in n for n in names):
+        who = ", ".join(ROLE_TITLES[r] for r in ROLE_TITLES if r in rouge_split)
+        lines += [
+            f"rougeLsum ({who}): `rouge_split_sentences` was on, so texts were split into one "
+            "sentence per line at `.`, `!` and `?` first; rouge-score on the raw text can "
+            "differ.",
+            "",
+        ]
     speed = sorted({k for m in evals.values() for k in m if k.startswith("eval/")})
     if speed:
         lines += ["## Generation", "", f"| | {titles} |", "|---|" + "---:|" * len(roles)]
@@ -195,7 +281,9 @@ def plot_comparison(
     fig.savefig(path, format="png")
 
 
-def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a") -> dict[str, str]:
+def write_report(
+    eval_dir: str, roles: Sequence[str], options: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """Writes `report.md` and `comparison.png` for the given roles' outputs in `eval_dir`.
 
     Per-role intervals come from each `metrics.json`; when both roles were bootstrapped with
@@ -204,7 +292,8 @@ def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a"
     Args:
         eval_dir: `<output_dir>/eval`, holding `<role>/metrics.json` and `predictions.jsonl`.
         roles: The roles to show (normally those whose outputs are current).
-        bleu_tokenize: sacreBLEU tokenizer, as used for the metrics.
+        options: Metric options for outputs whose `metrics.json` does not record its own
+            `metric_options` (written by an older ift).
 
     Returns:
         {"report": path of report.md, "chart": path of comparison.png}.
@@ -218,8 +307,9 @@ def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a"
     boot = {r: d.get("bootstrap") for r, d in data.items()}
     delta: dict[str, Interval] = {}
     settings = next((b for b in boot.values() if b), None)
+    used = {r: d.get("metric_options") or dict(options or {}) for r, d in data.items()}
     if {"base", "finetuned"} <= set(data) and settings and boot["base"] == boot["finetuned"]:
-        delta = _paired_delta(eval_dir, data["base"]["tasks"], settings, bleu_tokenize)
+        delta = _paired_delta(eval_dir, data["base"]["tasks"], settings, used["base"])
     text = build_markdown(
         evals,
         intervals,
@@ -227,6 +317,7 @@ def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a"
         bootstrap=settings,
         models={r: str(d.get("model", "")) for r, d in data.items()},
         few_shot=data.get("base_fewshot", {}).get("few_shot"),
+        rouge_split=[r for r in data if used[r].get("rouge_split_sentences")],
     )
     report = os.path.join(eval_dir, REPORT_FILE)
     chart = os.path.join(eval_dir, CHART_FILE)
@@ -238,36 +329,64 @@ def write_report(eval_dir: str, roles: Sequence[str], bleu_tokenize: str = "13a"
 
 
 def read_predictions(path: str) -> list[dict[str, Any]]:
-    """The records of a `predictions.jsonl` file, in file order."""
+    """The records of a `predictions.jsonl` file, in file order (all in memory)."""
+    return [r for chunk in iter_predictions(path) for r in chunk]
+
+
+def iter_predictions(path: str, chunk: int = 4096) -> Iterator[list[dict[str, Any]]]:
+    """The records of a `predictions.jsonl` file, in file order, `chunk` at a time."""
+    rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if len(rows) == chunk:
+                    yield rows
+                    rows = []
+    if rows:
+        yield rows
 
 
 def _paired_delta(
-    eval_dir: str, tasks: Mapping[str, Sequence[str]], settings: Mapping[str, Any], tok: str
+    eval_dir: str,
+    tasks: Mapping[str, Sequence[str]],
+    settings: Mapping[str, Any],
+    options: Mapping[str, Any] | None,
 ) -> dict[str, Interval]:
-    base = read_predictions(os.path.join(eval_dir, "base", "predictions.jsonl"))
-    ft = {
-        r["id"]: r
-        for r in read_predictions(os.path.join(eval_dir, "finetuned", "predictions.jsonl"))
-    }
+    """Interval of fine-tuned minus base, both bootstrapped on the same resamples.
+
+    Both files are normally in test-split order (the eval job writes them so) and are read
+    side by side, a chunk at a time; files in different orders are aligned on `id` in memory.
+    """
+    paths = [os.path.join(eval_dir, r, "predictions.jsonl") for r in ("base", "finetuned")]
+    stats = [StatsByTask(tasks, options, keep_tables=True) for _ in paths]
+    base_chunks, ft_chunks = (iter_predictions(p) for p in paths)
+    empty: list[dict[str, Any]] = []
+    for b_rows, f_rows in itertools.zip_longest(base_chunks, ft_chunks, fillvalue=empty):
+        if [r["id"] for r in b_rows] != [r["id"] for r in f_rows]:
+            return _paired_delta_by_id(paths, tasks, settings, options)
+        stats[0].add(b_rows)
+        stats[1].add(f_rows)
+    n, seed = int(settings["samples"]), int(settings["seed"])
+    b, f = (s.bootstrap(n, seed) for s in stats)
+    return intervals_of({k: f[k] - b[k] for k in b if k in f}, float(settings["confidence"]))
+
+
+def _paired_delta_by_id(
+    paths: Sequence[str],
+    tasks: Mapping[str, Sequence[str]],
+    settings: Mapping[str, Any],
+    options: Mapping[str, Any] | None,
+) -> dict[str, Interval]:
+    base = read_predictions(paths[0])
+    ft = {r["id"]: r for r in read_predictions(paths[1])}
     if sorted(ft) != sorted(r["id"] for r in base):
         return {}  # not the same test split: no pairing possible
-    ft_rows = [ft[r["id"]] for r in base]  # align on id, in the base file's order
-    samples = []
-    for rows in (base, ft_rows):
-        samples.append(
-            bootstrap_by_task(
-                tasks,
-                [r["task"] for r in rows],
-                [r["prediction"] for r in rows],
-                [_refs(r["reference"]) for r in rows],
-                n=int(settings["samples"]),
-                seed=int(settings["seed"]),
-                bleu_tokenize=tok,
-            )
-        )
-    b, f = samples
+    stats = [StatsByTask(tasks, options, keep_tables=True) for _ in paths]
+    stats[0].add(base)
+    stats[1].add([ft[r["id"]] for r in base])  # aligned on id, in the base file's order
+    n, seed = int(settings["samples"]), int(settings["seed"])
+    b, f = (s.bootstrap(n, seed) for s in stats)
     return intervals_of({k: f[k] - b[k] for k in b if k in f}, float(settings["confidence"]))
 
 

@@ -3,6 +3,9 @@
     ift score --predictions runs/demo/eval/finetuned/predictions.jsonl --metrics bleu,chrf
     python -m eval.score --predictions preds.jsonl --metrics rouge --num-workers 4
 
+`ift score --help` lists every metric option (`--lowercase`, `--rouge-split-sentences`, ...);
+this module defines the command's arguments once (`add_score_arguments`) for both entry points.
+
 Each line is a JSON object ``{"prediction": str, "reference": str | [str, ...]}``; other keys
 (``id``, ``prompt``) are ignored, blank lines skipped. With ``--num-workers N`` the lines are
 cut into N contiguous shards scored in a process pool and the shards' sufficient statistics
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -102,12 +106,28 @@ def score_file(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ift score`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="ift score",
-        description="Score a predictions JSONL file; prints one JSON object of metrics.",
-    )
+# `--help` of each `MetricOptions` field; a test checks that every field has one.
+OPTION_HELP: dict[str, str] = {
+    "bleu_tokenize": "sacreBLEU tokenizer for BLEU: 13a, intl, zh, char, none, ...",
+    "lowercase": "lowercase predictions and references before BLEU and chrF",
+    "chrf_char_order": "chrF character n-gram order",
+    "chrf_word_order": "chrF word n-gram order (2 gives chrF++)",
+    "chrf_beta": "chrF recall weight",
+    "rouge_use_stemmer": "Porter-stem tokens before ROUGE, as rouge-score's use_stemmer",
+    "rouge_split_sentences": (
+        "split texts into one sentence per line at . ! ? before rougeLsum (off: rougeLsum "
+        "exactly as rouge-score on the texts as given)"
+    ),
+}
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds every ``ift score`` argument to ``parser``: the one definition of that command,
+    used by ``python -m eval.score`` and by ``ift score`` (launcher/cli.py).
+
+    Each ``MetricOptions`` field is a flag of the same name (``--bleu-tokenize``,
+    ``--rouge-split-sentences`` / ``--no-rouge-split-sentences``, ...) with its default.
+    """
     parser.add_argument(
         "--predictions",
         required=True,
@@ -126,13 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="score N contiguous shards in parallel processes (same result)",
     )
-    parser.add_argument(
-        "--bleu-tokenize",
-        default=MetricOptions.bleu_tokenize,
-        help="sacreBLEU tokenizer for BLEU (default: %(default)s)",
-    )
-    parser.add_argument("--lowercase", action="store_true", help="lowercase before BLEU and chrF")
+    defaults = MetricOptions()
+    for field in dataclasses.fields(MetricOptions):
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        text = OPTION_HELP[field.name] + " (default: %(default)s)"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, metavar=field.name.upper(), help=text
+            )
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ift score`` argument parser."""
+    return add_score_arguments(
+        argparse.ArgumentParser(
+            prog="ift score",
+            description="Score a predictions JSONL file; prints one JSON object of metrics.",
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,9 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 1 with a one-line error on stderr for bad input.
     """
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``ift score`` on arguments parsed by a parser from ``add_score_arguments``.
+
+    Returns:
+        0 on success, 1 with a one-line error on stderr for bad input.
+    """
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    options = {"bleu_tokenize": args.bleu_tokenize, "lowercase": args.lowercase}
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(MetricOptions)}
     try:
         result = score_file(args.predictions, names, num_workers=args.num_workers, options=options)
     except (ValueError, OSError) as exc:

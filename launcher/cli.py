@@ -4,7 +4,7 @@ ift prepare CONFIG [key=value ...]
 ift train   CONFIG [key=value ...]
 ift eval    CONFIG [key=value ...]
 ift run     CONFIG [key=value ...]
-ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N]
+ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N] ...
 ift submit  CONFIG --address http://HEAD:8265
 ift k8s     CONFIG [--out DIR]
 """
@@ -37,13 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("config", help="experiment YAML")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
-    sc = sub.add_parser("score", help="score an existing predictions JSONL")
-    sc.add_argument("--predictions", required=True)
-    sc.add_argument("--metrics", default=None, help="comma-separated, e.g. bleu,chrf,rouge")
-    sc.add_argument("--num-workers", type=int, default=1)
-    sc.add_argument(
-        "--bleu-tokenize", default=None, help="sacreBLEU tokenizer (13a, intl, zh, char)"
-    )
+    from eval.score import add_score_arguments  # the one `ift score` parser: eval/score.py
+
+    text = "score an existing predictions JSONL"
+    add_score_arguments(sub.add_parser("score", help=text, description=text))
     sm = sub.add_parser("submit", help="submit the pipeline as a Ray job")
     sm.add_argument("config")
     sm.add_argument("overrides", nargs="*")
@@ -112,14 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from eval.score import main as score_main
+    from eval.score import run
 
-    argv = ["--predictions", args.predictions, "--num-workers", str(args.num_workers)]
-    if args.metrics:
-        argv += ["--metrics", args.metrics]
-    if args.bleu_tokenize:
-        argv += ["--bleu-tokenize", args.bleu_tokenize]
-    return score_main(argv)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ class TrainConfig(_Strict):
     offload_params: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    loss: Literal["chunked", "liger", "naive"] = "chunked"
+    """Cross-entropy: `chunked` (the output head and fp32 upcast a chunk of tokens at a time),
+    `liger` (liger-kernel's fused linear cross-entropy: GPU workers with liger-kernel installed,
+    ZeRO 0-2) or `naive` (full fp32 logits; the reference). See training/loss.py."""
     num_workers: int = Field(default=2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -176,6 +180,10 @@ class EvalConfig(_Strict):
     """Generation is cut at the first of these strings."""
     max_prompt_len: int | None = Field(default=None, gt=0)
     bleu_tokenize: str = "13a"
+    rouge_split_sentences: bool = False
+    """Split texts into one sentence per line at `.`, `!`, `?` before rougeLsum. Off (the
+    default), ROUGE is rouge-score's on the texts as generated; the report says when it was
+    on."""
     seed: int = 0
     bootstrap: int = Field(default=0, ge=0)
     """Bootstrap resamples for confidence intervals in the eval report (0: none)."""
@@ -380,6 +388,13 @@ def cross_check(cfg: Config) -> list[str]:
             "model.attn_implementation: flash_attention_2 needs a GPU (train.use_gpu=true); "
             "use sdpa or eager"
         )
+    if t.loss == "liger" and not t.use_gpu:
+        problems.append("train.loss: liger runs on CUDA only (train.use_gpu=true); use chunked")
+    if t.loss == "liger" and t.zero_stage == 3:
+        # liger reads the output head's weight outside the head's forward, where ZeRO-3 keeps
+        # it partitioned. Whether liger-kernel is installed is the GPU workers' business (they
+        # refuse to start without it), as for flash_attention_2.
+        problems.append("train.loss: liger cannot read ZeRO-3's partitioned head; use chunked")
     if (
         t.stop_after_steps is not None
         and t.max_steps is not None
@@ -399,6 +414,7 @@ def cross_check(cfg: Config) -> list[str]:
             f"data.exemplars={cfg.data.exemplars} per task"
         )
     problems += k8s_cross_check(cfg)
+    problems += storage_check(cfg)
     ratios = cfg.data.split
     unknown = sorted(set(ratios) - set(SPLITS))
     if unknown:
@@ -407,6 +423,69 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append(f"data.split: ratios must be >= 0 and sum to 1, got {ratios}")
 
     return problems
+
+
+# Schemes that name something no stage can write to, or that ift cannot read back.
+_READ_ONLY_SCHEMES = ("http", "https", "ftp", "hf", "github")
+
+
+def storage_check(cfg: Config) -> list[str]:
+    """What cannot work on object storage, refused before any cluster resource starts.
+
+    Outputs go through `data_pipeline.storage` (any filesystem pyarrow or fsspec writes), but
+    models, the DeepSpeed config, `datasets` folders and SQLite are read from local disk.
+    """
+    problems: list[str] = []
+    outputs = {"experiment.output_dir": cfg.experiment.output_dir, "data.output_dir": cfg.data_dir}
+    for key, path in outputs.items():
+        if not _is_remote(path):
+            continue
+        scheme = path.split("://", 1)[0].lower()
+        if scheme in _READ_ONLY_SCHEMES:
+            problems.append(f"{key}: {scheme}:// cannot be written; use a local path or s3://")
+        elif not _known_scheme(scheme):
+            problems.append(f"{key}: no filesystem for {scheme}:// (pyarrow or fsspec)")
+        if "?" in path:
+            # Stages and Ray workers join file names onto the folder: a query would end up in
+            # the middle of every path.
+            problems.append(
+                f"{key}: options in a URI query ({path.partition('?')[2]}) are not supported "
+                "for outputs; set them in the environment (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION)"
+            )
+    for key in ("name_or_path", "tokenizer"):
+        path = getattr(cfg.model, key)
+        if path and _is_remote(path):
+            problems.append(
+                f"model.{key}: {path} is a URI; models load from a local folder only "
+                "(copy it to local or shared disk first)"
+            )
+    if cfg.train.ds_config and _is_remote(cfg.train.ds_config):
+        problems.append(f"train.ds_config: {cfg.train.ds_config} must be a local file")
+    for i, src in enumerate(cfg.data.sources):
+        if src.format == "hf" and _is_remote(src.path):
+            problems.append(
+                f"data.sources.{i}.path: a `datasets` save_to_disk folder is read from local "
+                "disk only; convert it to Parquet or JSONL on object storage"
+            )
+    uri = cfg.tracking.tracking_uri
+    if cfg.tracking.enabled and uri.startswith("sqlite:") and "://" in uri[len("sqlite:///") :]:
+        problems.append(
+            f"tracking.tracking_uri: SQLite needs a local file, not {uri}; use a tracking "
+            "server (http://...) to share runs"
+        )
+    elif cfg.tracking.enabled and uri.split("://", 1)[0].lower() in ("s3", "gs", "gcs"):
+        problems.append(
+            f"tracking.tracking_uri: MLflow keeps no runs on {uri.split('://', 1)[0]}://; use "
+            "sqlite:///mlflow.db or a tracking server (http://...)"
+        )
+    return problems
+
+
+def _known_scheme(scheme: str) -> bool:
+    import fsspec.registry
+
+    pyarrow = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+    return scheme in pyarrow or scheme in fsspec.registry.known_implementations
 
 
 def k8s_cross_check(cfg: Config) -> list[str]:

@@ -10,13 +10,21 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import launcher
+from data_pipeline import storage
 from launcher.config import Config, ConfigError, flatten, mask_text, redact_secrets, to_yaml
+
+
+class RegistrationError(RuntimeError):
+    """The fine-tuned model could not be logged or registered in MLflow."""
+
+    user_facing = True
 
 
 class Tracker:
@@ -107,9 +115,10 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_dict(manifest, "data/manifest.json")
         self.log_dataset(manifest, data_dir, "prepared")
-        rejects = os.path.join(data_dir, "rejects.jsonl")
-        if os.path.exists(rejects) and os.path.getsize(rejects):
-            mlflow.log_artifact(rejects, "data")
+        rejects = storage.join(data_dir, manifest.get("rejects", "rejects.jsonl"))
+        with _local_copy(rejects) as local:
+            if local and os.path.getsize(local):
+                mlflow.log_artifact(local, "data")
 
     def log_dataset(self, manifest: dict[str, Any], data_dir: str, context: str) -> None:
         """`mlflow.log_input` of the prepared data, identified by its content fingerprint."""
@@ -127,7 +136,10 @@ class Tracker:
     def log_model(self, cfg: Config) -> None:
         """The fine-tuned model (transformers flavor) on the active run, registered with an alias.
 
-        A failure here is reported, not raised: the trained model is already safe on disk.
+        Raises:
+            RegistrationError: Logging or registering failed (with MLflow's reason); the stage
+                fails, since `models:/NAME@ALIAS` would silently be missing or stale. The
+                trained model is safe on disk either way.
         """
         import mlflow
 
@@ -139,7 +151,10 @@ class Tracker:
 
             # A pipeline object, not the folder path: MLflow 3's checkpoint-path route does
             # not understand transformers 5's task registry.
-            pipe = transformers.pipeline("text-generation", model=cfg.model_dir)
+            model_dir = cfg.model_dir
+            if storage.local_path(model_dir) is None:  # on an object store: a cached copy
+                model_dir = storage.cached_copy(model_dir, required="config.json")
+            pipe = transformers.pipeline("text-generation", model=model_dir)
             info = mlflow.transformers.log_model(  # type: ignore[attr-defined]
                 transformers_model=pipe,
                 name="model",
@@ -158,8 +173,15 @@ class Tracker:
                     f"@{cfg.tracking.model_alias}",
                     flush=True,
                 )
-        except Exception as e:  # noqa: BLE001
-            print(f"[mlflow] could not log/register the model: {type(e).__name__}: {e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "not registered"
+            target = f" as {name!r}@{cfg.tracking.model_alias}" if name else ""
+            raise RegistrationError(
+                f"could not log/register the fine-tuned model{target} in MLflow at "
+                f"{mask_text(cfg.tracking.tracking_uri)}: {type(e).__name__}: "
+                f"{mask_text(str(e))}. The model is saved in "
+                f"{cfg.model_dir}; fix the tracking server or set tracking.log_model=false "
+                '(or tracking.registered_model_name="" to log without registering)'
+            ) from e
 
     def log_train(
         self, run: Any, summary: dict[str, Any], cfg: Config, manifest: dict[str, Any] | None = None
@@ -170,14 +192,13 @@ class Tracker:
 
         if manifest is not None:
             self.log_dataset(manifest, cfg.data_dir, "training")
-        if cfg.tracking.log_model and os.path.exists(os.path.join(cfg.model_dir, "config.json")):
+        if cfg.tracking.log_model and storage.exists(storage.join(cfg.model_dir, "config.json")):
             self.log_model(cfg)
 
-        ds = os.path.join(cfg.experiment.output_dir, "deepspeed_config.json")
-        if os.path.exists(ds):
+        ds = storage.read_json(storage.join(cfg.experiment.output_dir, "deepspeed_config.json"))
+        if ds is not None:
             # The user's ds_config is merged in verbatim: monitor api keys must not leak.
-            with open(ds) as f:
-                mlflow.log_dict(redact_secrets(json.load(f)), "deepspeed_config.json")
+            mlflow.log_dict(redact_secrets(ds), "deepspeed_config.json")
         final = {
             k: float(v)
             for k, v in summary.items()
@@ -214,10 +235,29 @@ class Tracker:
                     client.log_metric(self.parent_id, f"{role}/{k}", float(v))
         client.log_text(self.parent_id, json.dumps(evals, indent=2), "eval/comparison.json")
         # report.md and comparison.png, written by the eval job next to the role folders.
-        eval_dir = os.path.join(self.cfg.experiment.output_dir, "eval")
+        eval_dir = storage.join(self.cfg.experiment.output_dir, "eval")
         for name in ("report.md", "comparison.png"):
-            if os.path.exists(os.path.join(eval_dir, name)):
-                client.log_artifact(self.parent_id, os.path.join(eval_dir, name), "eval")
+            with _local_copy(storage.join(eval_dir, name)) as local:
+                if local:
+                    client.log_artifact(self.parent_id, local, "eval")
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[str | None]:
+    """A local file with the content of `path` (downloaded from an object store into a
+    temporary folder, with its name), or None when there is no such file."""
+    local = storage.local_path(path)
+    if local is not None:
+        yield local if os.path.isfile(local) else None
+        return
+    if not storage.exists(path):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ift-artifact-") as tmp:
+        name = os.path.join(tmp, os.path.basename(path.partition("?")[0]))
+        with open(name, "wb") as f:
+            f.write(storage.read_bytes(path))
+        yield name
 
 
 def _git_commit() -> str | None:

@@ -30,8 +30,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from data_pipeline import storage
+from training import batch as tbatch
 from training import data as tdata
-from training.ds_config import build_ds_config, load_user_config, lr_multiplier
+from training import loss as tloss
+from training.ds_config import (
+    build_ds_config,
+    load_user_config,
+    lr_multiplier,
+    model_hidden_size,
+)
 from training.mlflow_logger import MetricLogger
 
 TRAIN_STATE = "ift_train.json"
@@ -71,6 +79,7 @@ def train(
 
     t = cfg.train
     out = cfg.experiment.output_dir
+    tdata.check_manifest(manifest, cfg.data_dir)  # before any resume: old data has no store
     n_rows = manifest["splits"]["train"]["rows"]
     gb = t.global_batch()
     if tdata.steps_per_epoch(n_rows, gb) == 0:
@@ -85,10 +94,10 @@ def train(
         log(f"[train] reusing {cfg.model_dir}: finished with the same data and settings")
         return done
 
-    ds_cfg = build_ds_config(t, load_user_config(t.ds_config))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "deepspeed_config.json"), "w") as f:
-        json.dump(ds_cfg, f, indent=2)
+    # The hidden size sizes the GPU ZeRO buckets; read from config.json, no weights loaded.
+    hidden = model_hidden_size(cfg.model.name_or_path) if t.use_gpu else None
+    ds_cfg = build_ds_config(t, load_user_config(t.ds_config), hidden_size=hidden)
+    storage.write_json(storage.join(out, "deepspeed_config.json"), ds_cfg)
     log(
         f"[train] {steps} steps x global batch {gb} (micro {t.micro_batch_size} x accum "
         f"{t.accumulation()} x {t.num_workers} workers), ZeRO-{t.zero_stage}, {t.precision}, "
@@ -98,6 +107,9 @@ def train(
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    # An object store (s3://...) goes to Ray as a pyarrow filesystem plus its path, so that a
+    # URI's query (endpoint_override=...) reaches every worker; a local path as it is.
+    ckpt_fs, ckpt_path = storage.filesystem(storage.join(out, "checkpoints"))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -115,7 +127,8 @@ def train(
         # changed setting starts a fresh run instead of loading incompatible state.
         run_config=RunConfig(
             name=f"run-{run_hash[:12]}",
-            storage_path=os.path.join(out, "checkpoints"),
+            storage_path=ckpt_path,
+            storage_filesystem=ckpt_fs if storage.is_uri(out) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -131,14 +144,15 @@ def train(
 def train_worker(config: dict[str, Any]) -> None:
     """Per-worker loop (runs inside a Ray Train worker with torch.distributed set up)."""
     import deepspeed
-    import ray.train
     import torch
+
+    from training import context as run_context
 
     cfg = config["cfg"]
     t = cfg.train
     manifest = config["manifest"]
     total = config["total_steps"]
-    ctx = ray.train.get_context()
+    ctx = run_context.get_context()  # Ray Train's, or the one-process stand-in
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -161,9 +175,12 @@ def train_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     share_zero3_fp32_master(engine)
+    # The loss comes out of the model's own forward (see training/loss.py); the head calls per
+    # micro-batch follow from its largest size.
+    tloss.install(engine.module, t.loss, max_tokens=t.micro_batch_size * cfg.data.max_seq_len)
     start = 0
     last: dict[str, float] = {}
-    ckpt = ray.train.get_checkpoint()
+    ckpt = run_context.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             _, state = engine.load_checkpoint(d, tag=CKPT_TAG)
@@ -176,6 +193,7 @@ def train_worker(config: dict[str, Any]) -> None:
         start = int(state["step"])
         last = dict(state.get("metrics", {}))
         torch.set_rng_state(state["torch_rng"])
+        _restore_cuda_rng(state.get("cuda_rng"))  # absent in checkpoints before CUDA RNG
         if rank == 0:
             print(f"[train] resumed from step {start}", flush=True)
 
@@ -278,27 +296,25 @@ def optimizer_step(
     """One optimizer step over global batch `step` (every micro-batch of this rank).
 
     Returns the mean loss per completion token over the whole global batch and the number of
-    tokens (padding excluded) all ranks processed.
+    tokens (padding excluded) all ranks processed. The engine's module must have the loss
+    installed (`training.loss.install`).
     """
     import torch
     import torch.distributed as dist
 
+    layout = tbatch.layout_for(engine.module.config._attn_implementation)
     batch = tdata.global_batch_indices(step, len(split), global_batch, seed)
     loss_tokens = split.loss_tokens(batch)  # the same on every rank: the global normaliser
     scale = accum * world / max(loss_tokens, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_tokens = 0
     for a in range(accum):
-        mb = tdata.micro_batch_indices(batch, micro, a, rank, world)
-        b = {k: v.to(engine.device) for k, v in tdata.collate(split, mb, pad_id).items()}
-        logits = engine(
-            input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
-        ).logits
-        loss, _, _ = tdata.token_loss_sum(logits, b["labels"])
+        rows = split.rows(tdata.micro_batch_indices(batch, micro, a, rank, world))
+        loss = _loss_sums(engine, tbatch.collate(rows, pad_id, layout))["loss"]
         engine.backward(loss * scale)
         engine.step()
         loss_sum += loss.detach().double().cpu()
-        n_tokens += int(sum(len(split.input_ids[i]) for i in mb))
+        n_tokens += sum(len(ids) for ids, _, _ in rows)
     totals = torch.tensor([float(loss_sum), float(n_tokens)], dtype=torch.float64)
     dist.all_reduce(totals)
     return float(totals[0]) / max(loss_tokens, 1), int(totals[1])
@@ -425,6 +441,7 @@ def _validate(
     import torch
     import torch.distributed as dist
 
+    layout = tbatch.layout_for(engine.module.config._attn_implementation)
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
     mine = list(range(rank, len(split), world))
@@ -433,14 +450,11 @@ def _validate(
     with torch.no_grad():
         for i in range(n_batches):
             idx = mine[i * micro : (i + 1) * micro] or [0]
-            b = {k: v.to(engine.device) for k, v in tdata.collate(split, idx, pad_id).items()}
-            logits = engine(
-                input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
-            ).logits
-            loss, count, correct = tdata.token_loss_sum(logits, b["labels"])
+            out = _loss_sums(engine, tbatch.collate(split.rows(idx), pad_id, layout), True)
             if mine[i * micro : (i + 1) * micro]:
                 sums += torch.tensor(
-                    [float(loss), float(count), float(correct)], dtype=torch.float64
+                    [float(out["loss"]), float(out["loss_tokens"]), float(out["correct"])],
+                    dtype=torch.float64,
                 )
     dist.all_reduce(sums)
     engine.train()
@@ -450,13 +464,24 @@ def _validate(
     }
 
 
+def _loss_sums(engine: Any, batch: tbatch.Batch, accuracy: bool = False) -> dict[str, Any]:
+    """The installed loss's sums (`loss`, `loss_tokens`, `correct` when `accuracy`) of one
+    micro-batch, through the engine's forward so DeepSpeed sees the loss it returns."""
+    inputs = tbatch.to_device(batch, engine.device)
+    labels = inputs.pop("labels")
+    return engine(**inputs, loss_labels=labels, loss_accuracy=accuracy, use_cache=False)  # type: ignore[no-any-return]
+
+
 def _checkpoint(
     engine: Any, step: int, run_hash: str, metrics: dict[str, float], rank: int
 ) -> None:
-    """Every rank saves its ZeRO shard into a temp dir; Ray merges them into one checkpoint."""
-    import ray.train
+    """Every rank saves its ZeRO shard into a temp dir; Ray merges them into one checkpoint.
+
+    The RNG states go with it, so dropout after a resume draws what it would have drawn. The
+    data order is keyed by (seed, epoch) and draws from no global numpy or Python RNG."""
     import torch
-    from ray.train import Checkpoint
+
+    from training import context as run_context
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(
@@ -466,18 +491,37 @@ def _checkpoint(
                 "step": step,
                 "run_hash": run_hash,
                 "torch_rng": torch.get_rng_state(),
+                # Every visible device's generator (a Ray GPU worker sees its own GPU only).
+                "cuda_rng": torch.cuda.get_rng_state_all() if _cuda_in_use() else None,
                 "metrics": metrics,  # so a run resumed at the last step still reports its loss
             },
         )
         # Ray registers the checkpoint only once every rank has uploaded its files, so a run
         # killed mid-upload leaves a partial `step_*` folder that resuming never picks up.
         delay = float(os.environ.get(UPLOAD_DELAY_ENV, "0"))
-        ray.train.report(
+        run_context.report(
             {**metrics, "step": step},
-            checkpoint=Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{step:07d}",
-            checkpoint_upload_fn=(lambda c, name: _slow_upload(c, name, delay)) if delay else None,
+            checkpoint_dir=tmp,
+            dir_name=f"step_{step:07d}",
+            upload_fn=(lambda c, name: _slow_upload(c, name, delay)) if delay else None,
         )
+
+
+def _cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _restore_cuda_rng(states: list[Any] | None) -> None:
+    """Set the CUDA generators saved by `_checkpoint`; none on a CPU run, or for a checkpoint
+    saved without CUDA. Devices beyond those saved keep their seeded state."""
+    import torch
+
+    if not states or not torch.cuda.is_available():
+        return
+    for device, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state.cpu(), device)
 
 
 def _slow_upload(checkpoint: Any, dir_name: str, delay: float) -> Any:
@@ -501,7 +545,12 @@ def _slow_upload(checkpoint: Any, dir_name: str, delay: float) -> Any:
 def _save_final_model(
     engine: Any, tok: Any, cfg: Any, run_hash: str, metrics: dict[str, float], rank: int
 ) -> None:
-    """Consolidate the ZeRO shards into `model/` (Hugging Face format) atomically, from rank 0."""
+    """Consolidate the ZeRO shards into `model/` (Hugging Face format) atomically, from rank 0.
+
+    Saved to a local folder first; locally it is renamed into place, on an object store
+    uploaded with `TRAIN_STATE` (what `_finished` reads) last, after the old model's marker
+    and files were deleted: a crash midway never leaves a model that looks finished.
+    """
     if cfg.train.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
     else:
@@ -509,7 +558,8 @@ def _save_final_model(
     if rank != 0:
         return
     final = cfg.model_dir
-    tmp = f"{final}.tmp-{os.getpid()}"
+    local = storage.local_path(final)
+    tmp = f"{local}.tmp-{os.getpid()}" if local else tempfile.mkdtemp(prefix="ift-model-")
     shutil.rmtree(tmp, ignore_errors=True)
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
     module = engine.module
@@ -520,8 +570,14 @@ def _save_final_model(
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
         json.dump({"run_hash": run_hash, "metrics": metrics}, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if local:
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+    else:
+        storage.delete(storage.join(final, TRAIN_STATE))
+        storage.delete(final)
+        storage.upload_folder(tmp, final, last=[TRAIN_STATE])
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"[train] model saved to {final}", flush=True)
 
 
@@ -558,11 +614,10 @@ def train_hash(cfg: Any, manifest: dict[str, Any]) -> str:
 
 
 def _finished(model_dir: str, run_hash: str) -> dict[str, Any] | None:
-    path = os.path.join(model_dir, TRAIN_STATE)
-    if not os.path.exists(path):
+    """The final metrics of a finished run with this hash in `model_dir` (local or a URI)."""
+    state = storage.read_json(storage.join(model_dir, TRAIN_STATE))
+    if state is None:
         return None
-    with open(path) as f:
-        state = json.load(f)
     return state["metrics"] if state.get("run_hash") == run_hash else None  # type: ignore[no-any-return]
 
 

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests" / "assets"
 
 # train/loss at steps 1..6 of TINY with ZeRO-2 on 2 CPU workers (torch 2.13 CPU, seed 0).
-PINNED_LOSSES = [4.98985, 4.27304, 3.40548, 3.13042, 2.88381, 3.15808]
+# Re-pinned once for the keyed (Feistel) shuffle of training/data.py, which orders rows
+# differently from the numpy permutation it replaced.
+PINNED_LOSSES = [5.24303, 4.21762, 3.5598, 2.75278, 2.15047, 2.39841]
 # Equal within float reassociation across ZeRO stages, gloo reductions and CPUs.
 RTOL = 2e-3
 

@@ -361,3 +361,60 @@ def test_finetuned_model_from_an_mlflow_uri(prepared, tmp_path: Path) -> None:
     for bad in ("models:/stories@no-such-alias", "models:/missing/1", "models:/stories"):
         with pytest.raises(EvalError, match="eval.finetuned_model"):
             finetuned(tmp_path / "bad", bad)
+
+
+# --- the cache key and model registration ------------------------------------------------------
+
+
+def test_cache_key_covers_what_changes_predictions(prepared) -> None:
+    """dtype (a bf16 rerun once reused fp32 predictions), attention kernel, device, the
+    generation settings and the ROUGE option change the key; the actor count does not."""
+    from eval.evaluate import _eval_hash
+
+    cfg, manifest = prepared
+    key = _eval_hash(cfg, manifest, str(MODEL))
+    changes = {
+        "model": {"dtype": "bfloat16", "attn_implementation": "eager", "trust_remote_code": True},
+        "train": {"use_gpu": True},
+        "eval": {
+            "max_new_tokens": 9,
+            "batch_size": 4,
+            "stop": ["."],
+            "temperature": 0.5,
+            "seed": 1,
+            "max_prompt_len": 64,
+            "rouge_split_sentences": True,
+            "bleu_tokenize": "intl",
+        },
+    }
+    for section, fields in changes.items():
+        for field, value in fields.items():
+            other = cfg.model_copy(deep=True)
+            setattr(getattr(other, section), field, value)
+            assert _eval_hash(other, manifest, str(MODEL)) != key, (section, field)
+    same = cfg.model_copy(deep=True)
+    same.eval.num_workers = 3
+    same.eval.bootstrap = 100
+    assert _eval_hash(same, manifest, str(MODEL)) == key
+
+
+def test_failed_registration_fails_the_stage(tmp_path: Path) -> None:
+    """A model that cannot be registered fails the train stage with MLflow's reason, instead
+    of leaving `models:/NAME@candidate` silently missing."""
+    import mlflow
+
+    from launcher.tracking import RegistrationError, Tracker
+
+    cfg = resolve_paths(from_dict(eval_config(tmp_path)))
+    cfg.tracking.registered_model_name = "bad/name"  # MLflow refuses '/' in model names
+    shutil.copytree(MODEL, cfg.model_dir)
+    tracker = Tracker(cfg)
+    with (
+        pytest.raises(RegistrationError, match="cannot contain '/'") as err,
+        tracker.pipeline("train", ""),
+        tracker.stage("train") as run,
+    ):
+        tracker.log_train(run, {}, cfg)
+    assert "bad/name" in str(err.value) and str(cfg.model_dir) in str(err.value)
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(run.info.run_id).info.status == "FAILED"

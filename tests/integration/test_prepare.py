@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import inputs
+from data_pipeline import fingerprint, inputs
 from data_pipeline import prepare as prep
 from data_pipeline.fingerprint import config_hash
 from data_pipeline.manifest import MANIFEST
@@ -239,8 +239,13 @@ def test_exemplars_same_with_1_and_2_workers_lowest_hashes_of_train(
         assert ex2[task] == expected, task
 
 
-def test_rerun_reuses_in_seconds(two_workers) -> None:
+def test_rerun_reuses_in_seconds(two_workers, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg, first, first_s = two_workers
+    read: list[str] = []
+    real_digest = fingerprint._file_digest
+    monkeypatch.setattr(
+        fingerprint, "_file_digest", lambda p, f: read.append(p) or real_digest(p, f)
+    )
     messages: list[str] = []
     t0 = time.perf_counter()
     again = prep.prepare(cfg, log=messages.append)
@@ -249,6 +254,15 @@ def test_rerun_reuses_in_seconds(two_workers) -> None:
     assert any("reusing" in m for m in messages)
     assert again["fingerprint"] == first["fingerprint"]
     assert elapsed < 5 and elapsed < first_s / 3, (elapsed, first_s)
+    # Only inputs hashed within TRUST_NS of their mtime are read again (the inputs were written
+    # just before the first prepare), and never once more: the rerun recorded their new hash.
+    trust = fingerprint.TRUST_NS
+    assert set(read) == {
+        i["path"] for i in first["inputs"] if i["hashed_at_ns"] - i["mtime_ns"] < trust
+    }
+    read.clear()
+    assert prep.prepare(cfg, log=messages.append)["reused"] is True
+    assert read == []
 
 
 def test_every_record_accounted_for(two_workers) -> None:
@@ -449,7 +463,7 @@ def test_too_many_rejects_fails_and_leaves_the_old_output(local_ray, work: Path)
 
 def test_ray_tasks_give_every_unit_in_order_as_in_process(local_ray, work: Path) -> None:
     """`_run_units` on Ray returns exactly what the worker computes in this process, unit
-    after unit: the first unit, a whole JSON array big enough to leave its worker in several
+    after unit: the first unit, a whole JSON file big enough to leave its worker in several
     tables (OUTPUT_BYTES), takes far longer than the small ranges after it, which finish
     first."""
     folder = work / "order"
@@ -461,7 +475,8 @@ def test_ray_tasks_give_every_unit_in_order_as_in_process(local_ray, work: Path)
         for k in range(12)
         for sentence, label in rows
     ]
-    (folder / "a_big.json").write_text(json.dumps(big))
+    # A wrapper object, not an array: not cut into element ranges, one whole unit.
+    (folder / "a_big.json").write_text(json.dumps({"data": big}))
     (folder / "b_sst2.tsv").write_text("".join(body))
     sources = [
         {"path": str(folder / "a_big.json"), "template": "sst2"},
@@ -483,11 +498,133 @@ def test_ray_tasks_give_every_unit_in_order_as_in_process(local_ray, work: Path)
     worker = ShardWorker(**args)
     expected = [worker._process(u) for u in units]
     assert expected[0].nbytes > OUTPUT_BYTES
-    got = list(run_units(units, args, n_workers=2, cpus=1.0))
+    got = [t for _, t in run_units(units, args, n_workers=2, cpus=1.0) if t is not None]
     assert len(got) > len(units)  # the big unit came in pieces
     assert pa.concat_tables(got).equals(pa.concat_tables(expected))
     # Pieces never mix units: each holds rows of one source and part, in line order.
     assert [t["source"][0].as_py() for t in got] == sorted(t["source"][0].as_py() for t in got)
+
+
+# --- every input format cut into ranges (before the cluster tests, which end the local Ray) --
+
+
+@pytest.fixture(scope="module")
+def format_inputs(work: Path) -> Path:
+    """One file of every input format, each big enough to be cut into several ranges at
+    FORMAT_RANGE_BYTES: a CSV with quoted newlines and doubled quotes (also gzipped), an
+    Excel-quoted TSV with CRLF and a BOM, a JSON array, a Parquet file of 7 row groups, a
+    `datasets` folder of 3 Arrow files, CoNLL and JSON Lines."""
+    import csv
+
+    import datasets
+
+    folder = work / "formats_in"
+    folder.mkdir()
+    with open(DATA / "amazon_reviews" / "amazon_alexa.tsv", newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    with open(folder / "amazon.csv", "w", newline="") as g:
+        writer = csv.writer(g)
+        writer.writerow(rows[0])
+        for k, row in enumerate(rows[1:]):
+            if k % 3 == 0:  # a newline and a quoted, comma-holding phrase inside the field
+                row[3] = row[3].replace(". ", ".\n", 2) + ' "so, yes"'
+            writer.writerow(row)
+    with gzip.open(folder / "amazon_gz.csv.gz", "wb") as gz:
+        gz.write((folder / "amazon.csv").read_bytes())
+    shutil.copy(DATA / "amazon_reviews" / "amazon_alexa.tsv", folder / "amazon.tsv")
+    shutil.copy(DATA / "instruction" / "alpaca_en_demo.json", folder / "alpaca.json")
+    sst2 = [line.rstrip("\n").rsplit("\t", 1) for line in (DATA / "sst2" / "train.tsv").open()]
+    table = pa.table({"sentence": [s for s, _ in sst2[1:]], "label": [int(x) for _, x in sst2[1:]]})
+    pq.write_table(table, folder / "sst2.parquet", row_group_size=300)
+    datasets.Dataset.from_dict(table.slice(0, 900).to_pydict()).save_to_disk(
+        str(folder / "hf"), num_shards=3
+    )
+    (folder / "eng.testa").write_bytes((DATA / "conll2003" / "eng.testa").read_bytes() * 4)
+    shutil.copy(DATA / "wmt21" / "newstest2021.de-en.jsonl", folder / "wmt.jsonl")
+    return folder
+
+
+def formats_config(folder: Path, out: Path, num_workers: int) -> Any:
+    sources = [
+        {"path": str(folder / "amazon.csv"), "template": "amazon_reviews", "name": "csv"},
+        {"path": str(folder / "amazon_gz.csv.gz"), "template": "amazon_reviews", "name": "gz"},
+        {"path": str(folder / "amazon.tsv"), "template": "amazon_reviews", "name": "tsv"},
+        {"path": str(folder / "alpaca.json"), "template": "alpaca"},
+        {"path": str(folder / "sst2.parquet"), "template": "sst2", "name": "parquet"},
+        {"path": str(folder / "hf"), "template": "sst2", "name": "hf"},
+        {"path": str(folder / "eng.testa"), "template": "conll2003"},
+        {
+            "path": str(folder / "wmt.jsonl"),
+            "template": "wmt",
+            "params": {"source_lang": "de", "target_lang": "en"},
+        },
+    ]
+    return main_config(folder, out, num_workers=num_workers, sources=sources)
+
+
+# Range sizes that cut every file of `format_inputs` into several units.
+FORMAT_RANGE_BYTES = 8 << 10
+
+
+def _cut_small(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(inputs, "MIN_CHUNK_BYTES", FORMAT_RANGE_BYTES)
+    mp.setattr(inputs, "CHUNK_BYTES", FORMAT_RANGE_BYTES)
+
+
+@pytest.fixture(scope="module")
+def whole_files(local_ray, format_inputs: Path, work: Path) -> tuple[dict[str, Any], bytes]:
+    """Every file as one unit, parsed whole: the manifest and rejects.jsonl to match."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inputs, "MIN_CHUNK_BYTES", 1 << 40)
+        cfg = formats_config(format_inputs, work / "formats_whole", num_workers=2)
+        assert all(u["whole"] for u in inputs.plan_units(_files(cfg)))
+        manifest = prep.prepare(cfg, log=_quiet)
+    return manifest, (Path(cfg.data_dir) / "rejects.jsonl").read_bytes()
+
+
+def test_every_format_cut_into_ranges_gives_the_whole_file_fingerprint(
+    whole_files: tuple[dict[str, Any], bytes],
+    format_inputs: Path,
+    work: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference, rejects = whole_files
+    _cut_small(monkeypatch)
+    for workers in (1, 2):
+        cfg = formats_config(format_inputs, work / f"formats_cut{workers}", num_workers=workers)
+        units = inputs.plan_units(_files(cfg))
+        per_source = collections.Counter(u["source"] for u in units)
+        assert all(per_source[i] > 1 for i in range(len(cfg.data.sources))), per_source
+        m = prep.prepare(cfg, log=_quiet)
+        assert m["fingerprint"] == reference["fingerprint"], workers
+        assert m["splits"] == reference["splits"] and m["rejected"] == reference["rejected"]
+        assert (Path(cfg.data_dir) / "rejects.jsonl").read_bytes() == rejects
+
+
+def test_corrupt_parquet_row_group_is_a_reject_and_the_rest_is_kept(
+    local_ray, format_inputs: Path, work: Path
+) -> None:
+    folder = work / "corrupt_pq"
+    folder.mkdir()
+    path = folder / "sst2.parquet"
+    shutil.copy(format_inputs / "sst2.parquet", path)
+    meta = pq.ParquetFile(path).metadata
+    column = meta.row_group(3).column(0)  # rows 901-1200 of 7 groups of 300
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    path.write_bytes(bytes(raw))
+    sources = [{"path": str(path), "template": "sst2", "name": "pq"}]
+    cfg = main_config(folder, work / "corrupt_pq_out", num_workers=2, sources=sources)
+    m = prep.prepare(cfg, log=_quiet)
+    [reject] = [
+        json.loads(x) for x in (Path(cfg.data_dir) / "rejects.jsonl").read_text().splitlines()
+    ]
+    assert reject["source"] == str(path) and reject["line"] == 901
+    assert reject["reason"].startswith("unreadable Parquet row group 3 (rows 901-1200)")
+    kept = sum(m["splits"][s]["per_task"]["pq"] for s in m["splits"])
+    dropped = m["duplicates"] + m["capped"] + m["overlap_dropped"]
+    assert m["rejected"] == 1 and kept + dropped == meta.num_rows - 300
 
 
 def test_two_node_cluster_gives_the_same_fingerprint(two_workers, work: Path) -> None:
@@ -506,6 +643,37 @@ def test_two_node_cluster_gives_the_same_fingerprint(two_workers, work: Path) ->
         cluster.wait_for_nodes()
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         cfg = main_config(make_inputs(work / "in_cluster"), work / "out_cluster", num_workers=2)
+        m = prep.prepare(cfg, log=_quiet)
+        assert m["reused"] is False
+        assert m["fingerprint"] == reference["fingerprint"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def test_every_format_cut_into_ranges_same_fingerprint_on_two_node_cluster(
+    whole_files: tuple[dict[str, Any], bytes],
+    format_inputs: Path,
+    work: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the other cluster test (the module's local Ray is gone): a 2 x 1 CPU cluster."""
+    from ray.cluster_utils import Cluster
+
+    reference, _ = whole_files
+    _cut_small(monkeypatch)
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cluster.wait_for_nodes()
+        cfg = formats_config(format_inputs, work / "formats_cluster", num_workers=2)
+        assert len(inputs.plan_units(_files(cfg))) > 3 * len(cfg.data.sources)
         m = prep.prepare(cfg, log=_quiet)
         assert m["reused"] is False
         assert m["fingerprint"] == reference["fingerprint"]

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipeline import fingerprint
 from data_pipeline import inputs as prep_inputs
 from data_pipeline import prepare as prep
 from launcher.config import from_dict, resolve_paths
@@ -227,11 +228,33 @@ def test_s3_glob_folder_and_file_give_the_local_result(prepared, work: Path) -> 
     assert {r["source"] for r in local_rejects} >= {"alpaca.json"}
 
 
-def test_rerun_with_the_same_s3_inputs_is_reused(prepared) -> None:
+def test_rerun_with_the_same_s3_inputs_is_reused_without_reading_them(
+    prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reuse check re-hashes only inputs whose size or mtime changed, or that were written
+    less than TRUST_NS before they were hashed (fingerprint.input_digests): counted here."""
     cfg, first = prepared["s3"]
+    read: list[str] = []
+    real_digest = fingerprint._file_digest
+
+    def counting(path: str, fmt: str) -> str:
+        read.append(path)
+        return real_digest(path, fmt)
+
+    monkeypatch.setattr(fingerprint, "_file_digest", counting)
+    racy = {
+        i["path"]
+        for i in first["inputs"]
+        if i["hashed_at_ns"] - i["mtime_ns"] < fingerprint.TRUST_NS
+    }
     again = prep.prepare(cfg, log=_quiet)
     assert again["reused"] is True
     assert again["fingerprint"] == first["fingerprint"]
+    assert set(read) == racy  # only files hashed within the racy window of their mtime
+    read.clear()
+    if racy:  # they were hashed again just now, long after their mtime: trusted from here on
+        assert prep.prepare(cfg, log=_quiet)["reused"] is True
+    assert read == []
 
 
 def test_glob_matching_nothing_names_the_key(s3: S3, work: Path) -> None:

@@ -26,6 +26,8 @@ QUICKSTART = ROOT / "tests" / "assets" / "quickstart"
 TOKENIZER = ROOT / "tests" / "assets" / "models" / "stories260K"
 
 pytestmark = pytest.mark.integration
+# prepare's checkpoint period in seconds (data_pipeline/prepare.py reads it; a test hook).
+CHECKPOINT_ENV = "IFT_TEST_PREPARE_CHECKPOINT_S"
 
 
 def quickstart_inputs(folder: Path, scale: int) -> dict[str, Path]:
@@ -234,6 +236,55 @@ def test_prepare_killed_midway_leaves_no_manifest_and_rerun_matches(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_prepare_killed_after_a_checkpoint_resumes_there(tmp_path: Path) -> None:
+    """A prepare killed once its spill has checkpointed some units resumes from them (it does
+    not redo them) and ends with the fingerprint of an uninterrupted run."""
+    cfg = quickstart_config(tmp_path / "a", scale=10)
+    data_dir = tmp_path / "a" / "run" / "data"
+    reference_cfg = quickstart_config(tmp_path / "ref", scale=10)
+    run_prepare(reference_cfg, tmp_path / "ref.log")
+    reference = manifest(reference_cfg)
+
+    def units_done() -> int:
+        for path in data_dir.parent.glob("data.tmp-*/.spill/progress.json"):
+            try:
+                return int(json.loads(path.read_text())["units_done"])
+            except (OSError, ValueError):  # being replaced right now
+                pass
+        return 0
+
+    log = tmp_path / "killed.log"
+    os.environ[CHECKPOINT_ENV] = "0"  # a checkpoint at every unit's end
+    try:
+        for _ in range(3):
+            proc = start_prepare(cfg, log)
+            try:
+                while units_done() < 3 and proc.poll() is None:
+                    time.sleep(0.02)
+            finally:
+                kill_tree(proc)
+            if units_done() >= 3 or RAY_START_FAILED not in log.read_text():
+                break
+    finally:
+        del os.environ[CHECKPOINT_ENV]
+    done = units_done()
+    assert done >= 3, log.read_text()[-3000:]
+    assert not (data_dir / "manifest.json").exists()
+
+    run_prepare(cfg, tmp_path / "rerun.log")
+    text = (tmp_path / "rerun.log").read_text()
+    resumed = [line for line in text.splitlines() if "resuming a killed run" in line]
+    assert resumed, text[-3000:]
+    start = int(resumed[0].rsplit("unit ", 1)[1].split("/")[0])
+    assert start >= done  # at least the units checkpointed before the kill are not redone
+    again = manifest(cfg)
+    assert again["fingerprint"] == reference["fingerprint"]
+    assert again["splits"] == reference["splits"]
+    assert again["rejected"] == reference["rejected"]
+    assert not list(data_dir.parent.glob("data.tmp-*"))
+
+
+@pytest.mark.slow
 def test_peak_memory_flat_at_10x_input(tmp_path: Path) -> None:
     """The quickstart data once and ten times over: the driver's own (anonymous) memory and
     the workers' memory may grow by at most 15% (they grew 1.5x before they were bounded)."""
@@ -247,3 +298,52 @@ def test_peak_memory_flat_at_10x_input(tmp_path: Path) -> None:
     assert peaks[10]["examples"] > 9.5 * peaks[1]["examples"]
     for key in ("driver_anon_mib", "workers_mib", "total_mib"):
         assert peaks[10][key] < 1.15 * peaks[1][key], (key, peaks)
+
+
+def synthetic_config(tmp: Path, records: int) -> Path:
+    """`records` distinct short SST-2-style lines (two pseudo-random words and a label) in one
+    TSV: the per-record costs of prepare with as little tokenizer work as possible."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    words = [w for w in (QUICKSTART / "sst2_train.tsv").read_text().split() if w.isalpha()]
+    words = sorted(set(words))[:1000]
+    with (tmp / "train.tsv").open("w") as f:
+        f.write("sentence\tlabel\n")
+        for start in range(0, records, 100_000):
+            f.write(
+                "".join(
+                    f"{words[i % 997]} {words[i // 997 % 1000]} {i}\t{i % 2}\n"
+                    for i in range(start, min(records, start + 100_000))
+                )
+            )
+    cfg = {
+        "experiment": {"name": "scale", "output_dir": str(tmp / "run"), "seed": 1},
+        "model": {"name_or_path": str(TOKENIZER)},
+        "data": {
+            "sources": [{"path": str(tmp / "train.tsv"), "template": "sst2"}],
+            "split": {"train": 0.9, "validation": 0.05, "test": 0.05},
+            "max_seq_len": 256,
+            "packing": True,
+            "num_workers": 2,
+        },
+        "cluster": {"num_cpus": 2},
+        "tracking": {"enabled": False},
+    }
+    path = tmp / "prepare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_driver_memory_flat_at_5m_records(tmp_path: Path) -> None:
+    """The driver keeps nothing per record in memory (keys, selection and packing work from
+    disk): 5M records may add at most 40 MiB (8 B/record) of anonymous driver memory over
+    50k, so the 37 B/record that the driver kept before (or 20 B) would fail it."""
+    peaks, examples = {}, {}
+    for records in (50_000, 5_000_000):
+        cfg = synthetic_config(tmp_path / f"n{records}", records)
+        peaks[records] = run_prepare(cfg, tmp_path / f"n{records}.log", timeout=1800)
+        examples[records] = sum(s["examples"] for s in manifest(cfg)["splits"].values())
+    print(json.dumps({"peaks": peaks, "examples": examples}, indent=1))
+    assert examples[5_000_000] > 0.99 * 5_000_000
+    growth = peaks[5_000_000]["driver_anon_mib"] - peaks[50_000]["driver_anon_mib"]
+    assert growth < 40, peaks

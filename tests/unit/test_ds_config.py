@@ -100,6 +100,133 @@ def test_precision_flags(precision: str, bf16: bool, fp16: bool) -> None:
     assert ds["fp16"]["enabled"] is fp16
 
 
+# --- CPU vs GPU -------------------------------------------------------------------------------
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, x in node.items() for k, v in _flat(x, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def cpu_gpu_diff(hidden: int | None = 2048, **train: object) -> dict[str, tuple[object, object]]:
+    """{dotted key: (CPU value, GPU value)} for every key whose value differs; a key present on
+    one side only shows as None on the other."""
+    cpu = _flat(build_ds_config(TrainConfig(use_gpu=False, **train), hidden_size=hidden))
+    gpu = _flat(build_ds_config(TrainConfig(use_gpu=True, **train), hidden_size=hidden))
+    return {
+        k: (cpu.get(k), gpu.get(k)) for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)
+    }
+
+
+FUSED = {"optimizer.params.fused": (None, True)}
+OVERLAP = {"zero_optimization.overlap_comm": (False, True)}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_gpu_below_zero2_only_fuses_the_optimizer(stage: int, precision: str) -> None:
+    assert cpu_gpu_diff(zero_stage=stage, precision=precision) == FUSED
+
+
+def test_gpu_zero2_overlaps_and_sizes_the_reduce_bucket_by_hidden() -> None:
+    assert cpu_gpu_diff(2048, zero_stage=2, precision="bf16") == {
+        **FUSED,
+        **OVERLAP,
+        "zero_optimization.reduce_bucket_size": (5e7, 2048 * 2048),
+    }
+
+
+def test_gpu_zero3_sizes_every_bucket_as_the_hf_auto_values() -> None:
+    assert cpu_gpu_diff(2048, zero_stage=3, precision="bf16") == {
+        **FUSED,
+        **OVERLAP,
+        "zero_optimization.reduce_bucket_size": (5e7, 4194304),
+        "zero_optimization.stage3_prefetch_bucket_size": (5e7, 3774873),  # int(0.9 x 2048^2)
+        "zero_optimization.stage3_param_persistence_threshold": (1e4, 20480),
+    }
+
+
+def test_gpu_with_optimizer_offload_keeps_the_unfused_cpu_step() -> None:
+    diff = cpu_gpu_diff(64, zero_stage=3, offload_optimizer=True, offload_params=True)
+    assert diff == {
+        **OVERLAP,
+        "zero_optimization.reduce_bucket_size": (5e7, 64 * 64),
+        "zero_optimization.stage3_prefetch_bucket_size": (5e7, int(0.9 * 64 * 64)),
+        "zero_optimization.stage3_param_persistence_threshold": (1e4, 640),
+        "zero_optimization.offload_optimizer.pin_memory": (False, True),
+        "zero_optimization.offload_param.pin_memory": (False, True),
+    }
+
+
+def test_gpu_without_a_hidden_size_keeps_the_fixed_buckets() -> None:
+    assert cpu_gpu_diff(None, zero_stage=3) == {**FUSED, **OVERLAP}
+
+
+def test_cpu_config_ignores_the_hidden_size() -> None:
+    for stage in (0, 1, 2, 3):
+        train = TrainConfig(zero_stage=stage)
+        assert build_ds_config(train, hidden_size=4096) == build_ds_config(train)
+
+
+def test_user_config_still_wins_over_gpu_defaults() -> None:
+    ds = build_ds_config(
+        TrainConfig(zero_stage=2, use_gpu=True),
+        {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 1e6}},
+        hidden_size=1024,
+    )
+    assert ds["zero_optimization"]["overlap_comm"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1e6
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_deepspeed_builds_torch_adamw_fused_only_on_gpu(use_gpu: bool) -> None:
+    """The optimizer block goes through DeepSpeed's own construction (`torch_adam` path), so a
+    key it dropped or renamed would show here. torch's fused AdamW also runs on CPU tensors."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    params = build_ds_config(TrainConfig(use_gpu=use_gpu, zero_stage=0))["optimizer"]["params"]
+
+    class Engine:  # the parts of DeepSpeedEngine its optimizer construction reads
+        get_optimizer_configuration = DeepSpeedEngine.get_optimizer_configuration
+
+        def optimizer_params(self) -> dict:
+            return params
+
+        def optimizer_name(self) -> str:
+            return "adamw"
+
+        def zero_use_cpu_optimizer(self) -> bool:
+            return False
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    opt = DeepSpeedEngine._configure_basic_optimizer(Engine(), [weight])
+    assert type(opt) is torch.optim.AdamW
+    assert bool(opt.defaults["fused"]) is use_gpu
+    weight.grad = torch.ones(4)
+    opt.step()  # the fused kernel takes the step
+    assert torch.all(weight < 1)
+
+
+def test_model_hidden_size_reads_config_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from pathlib import Path
+
+    from training.ds_config import model_hidden_size
+
+    stories = Path(__file__).resolve().parents[1] / "assets" / "models" / "stories260K"
+    assert model_hidden_size(str(stories)) == 64
+    assert model_hidden_size(str(tmp_path)) is None  # no config.json
+    for config, want in [
+        ({"hidden_sizes": [96, 384, 768]}, 768),
+        ({"text_config": {"hidden_size": 320}}, 320),
+        ({"n_embd": 12}, None),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert model_hidden_size(str(tmp_path)) == want
+
+
 # --- user JSON merge --------------------------------------------------------------------------
 
 

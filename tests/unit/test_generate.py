@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval import fewshot
-from eval.generate import cut_at_stop, generate, generate_counted, plan_batches
+from eval.generate import StopOnText, cut_at_stop, generate, generate_counted, plan_batches
 from launcher.pipeline import print_table
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stories260K"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODEL_DIR = ASSETS / "models" / "stories260K"
 
 # --- plan_batches -----------------------------------------------------------------------------
 
@@ -128,6 +129,85 @@ def test_generated_token_counts_are_exact(model, tok) -> None:
     _, counts = generate_counted(model, tok, [prompt], max_new_tokens=7, stop_early=False)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False)
     assert counts == [out.shape[1] - len(prompt)]
+
+
+# --- incremental stop strings: equivalence with the old full re-decode ------------------------
+
+
+def _old_stop_step(tok, ids: list[int], stops: list[str]) -> int | None:
+    """The step at which the previous StopOnText (decode every generated token, every step)
+    stopped a row: the first t whose decoded text, after leading whitespace, holds a stop."""
+    for t in range(1, len(ids) + 1):
+        text = tok.decode(ids[:t], skip_special_tokens=True)
+        if any(s in text.lstrip() for s in stops if s):
+            return t
+    return None
+
+
+def _new_stop_steps(tok, rows: list[list[int]], stops: list[str], width: int = 3) -> list:
+    """Drives StopOnText as `generate` does: one column more per call, after a prompt."""
+    criterion = StopOnText(tok, stops, width)
+    steps: list[int | None] = [None] * len(rows)
+    prompt = torch.zeros((len(rows), width), dtype=torch.long)
+    for t in range(1, len(rows[0]) + 1):
+        ids = torch.cat([prompt, torch.tensor([r[:t] for r in rows])], dim=1)
+        for j, done in enumerate(criterion(ids, None).tolist()):
+            if done and steps[j] is None:
+                steps[j] = t
+    return steps
+
+
+def _byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE (another decoder than stories260K's SentencePiece), trained
+    here on real text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = (ASSETS / "summeval" / "summeval.json").read_text(encoding="utf-8")[:200_000]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=400, min_frequency=2, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+
+
+STOP_POOL = ["\n", "\n\n", ".", "!", " the", "the", "e", " ", "ing", "Once", "\ufffd", '."']
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "byte_level"])
+def test_incremental_stop_equals_full_redecode(tok, which: str) -> None:
+    """Property test: on random token sequences (any id, so split multi-byte characters, runs
+    of leading whitespace and special tokens all occur) and random stop sets, the incremental
+    check stops every row at exactly the step the old O(T^2) check did."""
+    import random
+
+    t = tok if which == "sentencepiece" else _byte_level_tokenizer()
+    rng = random.Random(0)
+    vocab = len(t)
+    space = t.convert_tokens_to_ids(t.tokenize(" \n\n  "))  # whitespace-heavy starts
+    checked = stopped = 0
+    for _ in range(150):
+        length = rng.randint(1, 24)
+        rows = []
+        for _ in range(4):
+            head = [rng.choice(space) for _ in range(rng.randint(0, 3))]
+            rows.append((head + [rng.randrange(vocab) for _ in range(length)])[:length])
+        text = t.decode(rows[0], skip_special_tokens=True)
+        pool = STOP_POOL + ([text[rng.randrange(len(text)) :][:4]] if text else [])
+        stops = rng.sample(pool, rng.randint(1, 3))
+        got = _new_stop_steps(t, rows, stops)
+        want = [_old_stop_step(t, r, stops) for r in rows]
+        assert got == want, (rows, stops)
+        checked += len(rows)
+        stopped += sum(w is not None for w in want)
+    assert stopped > checked // 4  # the property was exercised, not vacuous
+
+
+def test_stop_after_leading_whitespace_only(tok) -> None:
+    """cut_at_stop's rule: a stop inside the leading whitespace does not count."""
+    nl = tok.convert_tokens_to_ids(tok.tokenize("\n"))[-1]
+    word = tok("Once", add_special_tokens=False).input_ids
+    rows = [[nl, nl, *word, nl]]
+    assert _new_stop_steps(tok, rows, ["\n"]) == [_old_stop_step(tok, rows[0], ["\n"])]
+    assert _new_stop_steps(tok, rows, ["\n"]) == [len(rows[0])]
 
 
 # --- fewshot ----------------------------------------------------------------------------------

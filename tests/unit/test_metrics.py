@@ -10,6 +10,7 @@ import pytest
 import sacrebleu
 from sacrebleu.metrics import CHRF
 
+from eval import metrics as M
 from eval.metrics import (
     METRIC_NAMES,
     MetricOptions,
@@ -124,13 +125,15 @@ def test_split_sentences():
     assert split_sentences("   ") == []
 
 
-def test_rouge_without_sentence_split_scores_lsum_like_l():
+def test_rouge_default_scores_lsum_like_l_and_splitting_is_opt_in():
     preds = ["the cat sat on the mat. it was happy."]
     refs = [["a cat sat on a mat. the cat was happy."]]
-    plain = compute_metrics(["rouge"], preds, refs, {"rouge_split_sentences": False})
-    assert plain["rougeLsum"] == plain["rougeL"]
-    split = compute_metrics(["rouge"], preds, refs)
+    plain = compute_metrics(["rouge"], preds, refs)
+    assert MetricOptions().rouge_split_sentences is False
+    assert plain["rougeLsum"] == plain["rougeL"]  # no newline: one "sentence", as rouge-score
+    split = compute_metrics(["rouge"], preds, refs, {"rouge_split_sentences": True})
     assert split["rouge1"] == plain["rouge1"] and split["rougeL"] == plain["rougeL"]
+    assert split["rougeLsum"] != plain["rougeLsum"]
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -281,3 +284,106 @@ def test_bootstrap_ci_equals_rescoring_each_resample(name: str, key: str) -> Non
     low, high = bootstrap_ci(name, preds, refs, n=30, seed=4, key=key, confidence=0.9)
     assert low == pytest.approx(expected[0], abs=1e-9)
     assert high == pytest.approx(expected[1], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- streaming merge
+
+
+@pytest.mark.parametrize("name", ["rouge", "f1", "bleu", "accuracy"])
+def test_folded_stream_of_chunks_equals_one_pass(name: str, de_en) -> None:
+    """fold_stats(merge_stats([acc, chunk])) chunk after chunk gives the single-pass float
+    exactly (mean metrics add left to right in corpus order), in O(1) state."""
+    hyps, refs = de_en
+    hyps, refs = hyps[:60], refs[:60]
+    whole = compute_metrics([name], hyps, refs)
+    acc = None
+    for a in range(0, len(hyps), 7):
+        table = M.example_stats(name, hyps[a : a + 7], refs[a : a + 7])
+        chunk = M.stats_of_table(name, table)
+        assert chunk == metric_stats(name, hyps[a : a + 7], refs[a : a + 7])
+        acc = M.fold_stats(chunk if acc is None else merge_stats(name, [acc, chunk]))
+        assert acc.values == ()  # nothing kept per example
+    assert acc is not None
+    assert finalize(name, acc) == whole
+    if name in ("rouge", "f1"):  # folded totals stand for what came before: only first
+        with pytest.raises(ValueError, match="first shard"):
+            merge_stats(name, [metric_stats(name, hyps[:2], refs[:2]), acc])
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_resample_chunks_are_the_rows_of_one_table() -> None:
+    """Chunking never changes the draws: the same resamples as one (n, N) table."""
+    whole = np.random.default_rng(5).integers(0, 37, size=(23, 37))
+    for max_elements in (37, 100, 37 * 23, 10**6):
+        got = np.concatenate(list(M.resample_chunks(37, 23, 5, max_elements)))
+        assert np.array_equal(got, whole)
+
+
+@pytest.mark.parametrize("name", ["bleu", "chrf", "rouge", "accuracy"])
+def test_chunked_bootstrap_equals_gathering_the_index_table(name: str, de_en) -> None:
+    """The weighted chunks give what the old (n x N) gather gave: count metrics exactly, mean
+    metrics to float rounding."""
+    hyps, refs = de_en
+    hyps, refs = hyps[:40], refs[:40]
+    table = M.example_stats(name, hyps, refs)
+    indices = M.bootstrap_indices(len(hyps), 25, seed=2)
+    keys = list(compute_metrics([name], hyps, refs))
+    expected = {k: np.empty(25) for k in keys}
+    for r, row in enumerate(indices):
+        stats = M.stats_of_table(name, table[row])
+        for k, v in finalize(name, stats).items():
+            expected[k][r] = v
+    got = M.bootstrap_table(name, table, 25, seed=2, max_elements=40 * 3)
+    for k in keys:
+        if name in ("bleu", "chrf", "accuracy"):
+            assert np.array_equal(got[k], expected[k]), k
+        else:
+            np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-12)
+
+
+def _synthetic_bleu_table(rows: int, seed: int) -> np.ndarray:
+    """Valid sacreBLEU BLEU segment statistics: [hyp_len, ref_len, correct_1..4, total_1..4]."""
+    rng = np.random.default_rng(seed)
+    hyp = rng.integers(5, 40, size=rows)
+    totals = np.stack([np.maximum(hyp - k, 0) for k in range(4)], axis=1)
+    correct = (totals * rng.uniform(0.1, 0.7, size=(rows, 1))).astype(np.int64)
+    ref = hyp + rng.integers(-3, 4, size=rows)
+    return np.concatenate([hyp[:, None], ref[:, None], correct, totals], axis=1).astype(np.int64)
+
+
+def test_bootstrap_memory_is_bounded_by_the_chunk_not_n_times_examples() -> None:
+    """200 resamples of 200k examples: the old (n x N) index table alone was 320 MB."""
+    import tracemalloc
+
+    table = _synthetic_bleu_table(200_000, seed=0)
+    assert M.stats_of_table("bleu", table).counts  # a valid table for finalize
+    tracemalloc.start()
+    try:
+        samples = M.bootstrap_table("bleu", table, n=200, seed=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert samples["bleu"].shape == (200,) and np.isfinite(samples["bleu"]).all()
+    assert samples["bleu"].std() > 0
+    assert peak < 200 * 200_000 * 8 / 2, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_bootstrap_of_bleu_at_1m_examples_and_1000_resamples_peaks_under_1gb() -> None:
+    """The acceptance size: the old (n x N) index table would be 8 GB, its gather 80 GB."""
+    import tracemalloc
+
+    table = _synthetic_bleu_table(1_000_000, seed=0)
+    tracemalloc.start()
+    try:
+        samples = M.bootstrap_table("bleu", table, n=1000, seed=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    score = finalize("bleu", M.stats_of_table("bleu", table))["bleu"]
+    low, high = M.percentile_interval(samples["bleu"])
+    assert low < score < high
+    assert peak < 2**30, f"peak {peak / 2**20:.0f} MiB"
+    print(f"bootstrap 1M x 1000: peak {peak / 2**20:.0f} MiB")

@@ -207,3 +207,55 @@ def test_write_report_with_the_k_shot_base(tmp_path: Path) -> None:
         "+50.00",
     ]
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_says_when_rouge_split_sentences_was_on(tmp_path: Path) -> None:
+    evals = {"base": {"cnn/rougeL": 20.0, "cnn/rougeLsum": 25.0}, "finetuned": {}}
+    plain = build_markdown(evals)
+    assert "rouge_split_sentences" not in plain
+    text = build_markdown(evals, rouge_split=["base"])
+    assert "rougeLsum (base): `rouge_split_sentences` was on" in text
+    # write_report reads it from each role's metrics.json.
+    for role, split in (("base", True), ("finetuned", False)):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "role": role,
+                    "metrics": {"cnn/rougeLsum": 25.0},
+                    "tasks": {"cnn": ["rouge"]},
+                    "metric_options": {"bleu_tokenize": "13a", "rouge_split_sentences": split},
+                }
+            )
+        )
+    write_report(str(tmp_path), ["base", "finetuned"])
+    report = (tmp_path / "report.md").read_text()
+    assert "rougeLsum (base): `rouge_split_sentences` was on" in report
+
+
+def test_paired_delta_streams_files_in_the_same_order(tmp_path: Path) -> None:
+    """Outputs of the eval job (same test-split order) are paired chunk by chunk; the interval
+    equals the in-memory paired bootstrap."""
+    from eval.report import _paired_delta
+
+    boot = {"samples": 300, "seed": 4, "confidence": 0.9}
+    n = 9000  # more than one chunk of records
+    refs = ["positive", "negative", "positive"] * (n // 3)
+    base = ["positive"] * n
+    ft = [r if i % 5 else "x" for i, r in enumerate(refs)]
+    for role, preds in (("base", base), ("finetuned", ft)):
+        (tmp_path / role).mkdir()
+        rows = [
+            {"id": f"s{i}", "task": "sst2", "prediction": p, "reference": r}
+            for i, (p, r) in enumerate(zip(preds, refs, strict=True))
+        ]
+        (tmp_path / role / "predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    tasks = {"sst2": ["accuracy"]}
+    got = _paired_delta(str(tmp_path), tasks, boot, None)
+    a = bootstrap_by_task(tasks, ["sst2"] * n, base, [[r] for r in refs], n=300, seed=4)
+    b = bootstrap_by_task(tasks, ["sst2"] * n, ft, [[r] for r in refs], n=300, seed=4)
+    want = M.percentile_interval(b["sst2/accuracy"] - a["sst2/accuracy"], 0.9)
+    assert got["sst2/accuracy"] == want
+    assert want[0] > 0  # fine-tuned is clearly better here: a real, non-zero interval

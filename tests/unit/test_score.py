@@ -103,34 +103,37 @@ def test_wmt21_bleu_matches_official_table(tmp_path: Path, pool: concurrent.futu
         assert sharded.result() == single, (pair, system, label)
 
 
-def test_summeval_rouge_matches_rouge_score(tmp_path: Path, pool: concurrent.futures.Executor):
-    from rouge_score import rouge_scorer
-
+def _summeval_pairs() -> tuple[list[str], list[str]]:
     data = json.loads((ASSETS / "summeval" / "summeval.json").read_text(encoding="utf-8"))
     preds, refs = [], []
     for doc in data.values():
         for system in sorted(doc["sys_summs"]):
             preds.append(doc["sys_summs"][system]["sys_summ"])
             refs.append(doc["ref_summ"])
+    return preds, refs
+
+
+def _rouge_score_means(preds: list[str], refs: list[str]) -> dict[str, float]:
+    """The reference numbers, straight from rouge-score on exactly these strings."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for pred, ref in zip(preds, refs, strict=True):
+        for key, score in scorer.score(ref, pred).items():
+            totals[key] += score.fmeasure
+    return {key: 100.0 * total / len(preds) for key, total in totals.items()}
+
+
+def test_summeval_rouge_matches_rouge_score(tmp_path: Path, pool: concurrent.futures.Executor):
+    preds, refs = _summeval_pairs()
     assert len(preds) == 16 * 100
+    assert not any("\n" in t for t in preds + refs)  # sentences separated by spaces only
     path = _write_jsonl(tmp_path / "summeval.jsonl", preds, [[r] for r in refs])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
         sharded = background.submit(score_file, path, ["rouge"], 3, None, pool)
-        # The reference numbers, straight from rouge-score: rouge1/2/L on the raw text,
-        # rougeLsum on one sentence per line (SummEval summaries have no newlines; see
-        # split_sentences).
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-        lsum_scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
-        totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-        for pred, ref in zip(preds, refs, strict=True):
-            for key, score in scorer.score(ref, pred).items():
-                totals[key] += score.fmeasure
-            lsum = lsum_scorer.score(
-                "\n".join(split_sentences(ref)), "\n".join(split_sentences(pred))
-            )
-            totals["rougeLsum"] += lsum["rougeLsum"].fmeasure
-        expected = {key: 100.0 * total / len(preds) for key, total in totals.items()}
+        expected = _rouge_score_means(preds, refs)
         single = score_file(path, ["rouge"])
 
     assert set(single) == set(ROUGE_KEYS)
@@ -138,8 +141,43 @@ def test_summeval_rouge_matches_rouge_score(tmp_path: Path, pool: concurrent.fut
         assert single[key] == pytest.approx(expected[key], abs=1e-9), key
     # Per-example values are added in corpus order, so even the float sum is identical.
     assert sharded.result() == single
-    # Sentence splitting matters for rougeLsum only, and on this data it does change it.
+    # Without newlines rouge-score's rougeLsum sees one sentence: it equals rougeL.
+    assert single["rougeLsum"] == pytest.approx(single["rougeL"], abs=1e-9)
+
+
+def test_rouge_with_newlines_matches_rouge_score(tmp_path: Path):
+    """Texts with one sentence per line (how summarization sets are often stored): rougeLsum
+    uses those lines, exactly as rouge-score does, and differs from rougeL."""
+    preds, refs = _summeval_pairs()
+    preds = ["\n".join(split_sentences(p)) for p in preds[::4]]
+    refs = ["\n".join(split_sentences(r)) for r in refs[::4]]
+    assert sum("\n" in t for t in preds) > len(preds) // 2
+    path = _write_jsonl(tmp_path / "lines.jsonl", preds, [[r] for r in refs])
+    single = score_file(path, ["rouge"])
+    expected = _rouge_score_means(preds, refs)
+    for key in ROUGE_KEYS:
+        assert single[key] == pytest.approx(expected[key], abs=1e-9), key
     assert abs(single["rougeLsum"] - single["rougeL"]) > 1.0
+
+
+def test_rouge_split_sentences_is_opt_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`--rouge-split-sentences` puts one sentence per line first: rougeLsum changes to
+    rouge-score's on the split text, rouge1/2/L do not move."""
+    preds, refs = _summeval_pairs()
+    preds, refs = preds[1::8], refs[1::8]
+    path = _write_jsonl(tmp_path / "split.jsonl", preds, [[r] for r in refs])
+    assert main(["--predictions", path, "--metrics", "rouge", "--rouge-split-sentences"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert main(["--predictions", path, "--metrics", "rouge"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    expected = _rouge_score_means(
+        ["\n".join(split_sentences(p)) for p in preds],
+        ["\n".join(split_sentences(r)) for r in refs],
+    )
+    assert split["rougeLsum"] == pytest.approx(expected["rougeLsum"], abs=1e-9)
+    assert abs(split["rougeLsum"] - plain["rougeLsum"]) > 1.0
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert split[key] == plain[key]
 
 
 def test_own_spawn_pool_and_default_metrics(tmp_path: Path):

@@ -19,8 +19,8 @@ from data_pipeline.pack import (
     position_ids_from_seq_lens,
 )
 from data_pipeline.selection import (
+    ExemplarPicker,
     exemplar_rows,
-    exemplar_rows_in_slices,
     first_occurrences,
     isin128,
 )
@@ -334,6 +334,24 @@ def test_token_stats() -> None:
         "max_length": 100,
     }
     assert token_stats([], [])["rows"] == 0
+
+
+def test_token_stats_from_a_histogram_equal_sorting_every_length() -> None:
+    """Prepare accumulates a length histogram (bounded memory); nearest-rank percentiles from
+    it must equal those of the sorted lengths, on random skewed samples."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 300))
+        lengths = rng.integers(1, int(rng.integers(2, 600)), n) ** int(rng.integers(1, 3))
+        ordered = np.sort(lengths)
+
+        def rank(q: float, ordered: np.ndarray = ordered) -> int:
+            return int(ordered[max(0, -(-int(q * 100) * len(ordered) // 100) - 1)])
+
+        stats = token_stats(lengths, np.ones(n, np.int64))
+        assert stats["tokens"] == int(lengths.sum()) and stats["rows"] == n
+        assert stats["max_length"] == int(ordered[-1])
+        assert (stats["p50_length"], stats["p99_length"]) == (rank(0.50), rank(0.99))
     with pytest.raises(ValueError):
         token_stats([1], [])
 
@@ -448,20 +466,19 @@ def test_exemplar_rows_lowest_distinct_keys_per_group() -> None:
     assert [r.tolist() for r in exemplar_rows(hi, lo, groups, 3, k=0)] == [[], [], []]
 
 
-def test_exemplar_rows_in_slices_equal_exemplar_rows() -> None:
+def test_exemplar_picker_over_slices_equals_exemplar_rows() -> None:
     """The driver picks exemplars a slice at a time (bounded memory); the result must be
-    exemplar_rows on all rows, ties (a key seen twice) included."""
+    exemplar_rows on all rows, ties (a key seen twice, also across slices) included."""
     rng = np.random.default_rng(1)
     for _ in range(300):
         n, n_groups, k = int(rng.integers(0, 200)), int(rng.integers(1, 4)), int(rng.integers(1, 6))
         hi, lo = (rng.integers(0, 6, n).astype(np.uint64) for _ in range(2))
         groups = rng.integers(0, n_groups, n)
         expected = exemplar_rows(hi, lo, groups, n_groups, k)
-
-        def load(
-            rows: np.ndarray, hi: np.ndarray = hi, lo: np.ndarray = lo, groups: np.ndarray = groups
-        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            return hi[rows], lo[rows], groups[rows]
-
-        got = exemplar_rows_in_slices(load, n, n_groups, k, int(rng.integers(1, 50)))
+        picker = ExemplarPicker(n_groups, k)
+        step = int(rng.integers(1, 50))
+        for start in range(0, n, step):
+            rows = np.arange(start, min(n, start + step))
+            picker.add(rows, hi[rows], lo[rows], groups[rows])
+        got = picker.result()
         assert [g.tolist() for g in got] == [e.tolist() for e in expected]

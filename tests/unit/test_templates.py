@@ -577,7 +577,7 @@ def test_chat_uses_the_tokenizers_chat_template(
         seed=0,
         ratios={"train": 1.0},
     )
-    unit = {"source": 0, "part": 0, "path": str(path), "fmt": "jsonl", "gz": False}
+    unit = {"source": 0, "part": 0, "path": str(path), "fmt": "jsonl", "gz": False, "whole": True}
     table = worker._process({**unit, "start": 0, "end": path.stat().st_size, "first_line": 1})
     assert table["ok"].to_pylist() == [True] * 100
     assert table["input_ids"].to_pylist() == [ids for ids, _ in expected[:100]]

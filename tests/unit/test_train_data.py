@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipeline.pack import pack_rows
+from data_pipeline.token_store import from_rows
 from data_pipeline.tokenize import build_example
+from training import batch as tbatch
+from training import loss as tloss
 from training.data import (
     Split,
-    collate,
+    StaleDataError,
     epoch_order,
     global_batch_indices,
+    load_split,
     micro_batch_indices,
-    positions,
+    shuffled_rows,
     steps_per_epoch,
-    token_loss_sum,
     total_steps,
 )
 
@@ -29,11 +33,7 @@ IGNORE = -100
 
 
 def split_of(rows: list[dict[str, list[int]]]) -> Split:
-    return Split(
-        input_ids=[np.asarray(r["input_ids"], dtype=np.int64) for r in rows],
-        labels=[np.asarray(r["labels"], dtype=np.int64) for r in rows],
-        seq_lens=[np.asarray(r["seq_lens"], dtype=np.int64) for r in rows],
-    )
+    return from_rows(rows)
 
 
 # --- step arithmetic --------------------------------------------------------------------------
@@ -107,6 +107,63 @@ def test_epochs_reshuffle_deterministically() -> None:
     assert again.tolist() == global_batch_indices(5, 100, 8, 42).tolist()
 
 
+# --- the keyed shuffle: a bijection per (seed, epoch), built from positions alone -------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    seed=st.integers(0, 2**63 - 1),
+    epoch=st.integers(0, 10**6),
+)
+def test_shuffle_is_a_bijection(n: int, seed: int, epoch: int) -> None:
+    order = epoch_order(n, seed, epoch)
+    assert order.dtype == np.int64
+    assert np.array_equal(np.sort(order), np.arange(n))
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(50, 5000), seed=st.integers(0, 2**32), epoch=st.integers(0, 1000))
+def test_shuffle_differs_per_epoch_and_seed(n: int, seed: int, epoch: int) -> None:
+    order = epoch_order(n, seed, epoch)
+    for other in (epoch_order(n, seed, epoch + 1), epoch_order(n, seed + 1, epoch)):
+        # Two random permutations agree on ~1 position; a weak key would agree on many.
+        assert np.count_nonzero(order == other) < 10
+    assert np.count_nonzero(order == np.arange(n)) < 10  # not near the identity
+
+
+def test_shuffle_of_positions_is_a_slice_of_the_epoch_order() -> None:
+    """What the step computes from its positions alone is what the full order holds there."""
+    n, seed, epoch = 1001, 5, 3
+    full = epoch_order(n, seed, epoch)
+    pos = np.array([0, 7, 500, 999, 1000, 7])
+    assert shuffled_rows(pos, n, seed, epoch).tolist() == full[pos].tolist()
+    with pytest.raises(ValueError):
+        shuffled_rows(np.array([n]), n, seed, epoch)
+
+
+def test_shuffle_spreads_rows_evenly() -> None:
+    """Each row lands in each tenth of the epoch about equally often over many epochs."""
+    n, epochs = 100, 400
+    hits = np.zeros((n, 10))
+    for e in range(epochs):
+        hits[epoch_order(n, 9, e), np.arange(n) // 10] += 1
+    assert abs(hits.mean() - epochs / 10) < 1e-9
+    assert hits.std() < 2 * np.sqrt(epochs / 10)  # binomial spread is ~sqrt(40) = 6.3
+
+
+def test_a_step_builds_nothing_of_the_split_size() -> None:
+    """10^12 rows: a global batch is still computed from its positions alone (fast, small)."""
+    batch = global_batch_indices(123_456_789, 10**12, 64, seed=1)
+    assert len(set(batch.tolist())) == 64 and batch.min() >= 0 and batch.max() < 10**12
+
+
+def test_old_manifest_version_says_to_prepare_again(tmp_path: Path) -> None:
+    manifest = {"version": 2, "splits": {"train": {"rows": 4, "files": ["train/part.parquet"]}}}
+    with pytest.raises(StaleDataError, match="ift prepare"):
+        load_split(str(tmp_path), manifest, "train")
+
+
 # --- collation --------------------------------------------------------------------------------
 
 PACKED = {
@@ -117,13 +174,8 @@ PACKED = {
 SHORT = {"input_ids": [1, 8, 9], "labels": [IGNORE, 8, 9], "seq_lens": [3]}
 
 
-def test_positions_restart_per_example() -> None:
-    assert positions(np.array([3, 2])).tolist() == [0, 1, 2, 0, 1]
-    assert positions(np.array([], dtype=np.int64)).tolist() == []
-
-
 def test_collate_packed_row_and_padding() -> None:
-    b = collate(split_of([PACKED, SHORT]), [0, 1], pad_id=0)
+    b = tbatch.collate(split_of([PACKED, SHORT]).rows([0, 1]), 0, "padded")
     assert b["input_ids"].tolist() == [[1, 5, 6, 2, 1, 7, 2], [1, 8, 9, 0, 0, 0, 0]]
     assert b["labels"].tolist() == [
         [IGNORE, IGNORE, 6, 2, IGNORE, 7, 2],
@@ -134,30 +186,12 @@ def test_collate_packed_row_and_padding() -> None:
 
 
 def test_collate_follows_index_order() -> None:
-    b = collate(split_of([PACKED, SHORT]), np.array([1]), pad_id=0)
+    b = tbatch.collate(split_of([PACKED, SHORT]).rows(np.array([1])), 0, "padded")
     assert b["input_ids"].tolist() == [[1, 8, 9]]
 
 
 def test_loss_tokens_counts_shifted_completion_labels() -> None:
     assert split_of([PACKED, SHORT]).loss_tokens([0, 1]) == 4 + 2
-
-
-# --- loss -------------------------------------------------------------------------------------
-
-
-def test_token_loss_sum_matches_manual_cross_entropy() -> None:
-    logits = torch.tensor([[[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [1.5, 1.0, 0.5], [9.0, 0.0, 0.0]]])
-    labels = torch.tensor([[IGNORE, 2, IGNORE, 0]])
-
-    def nll(row: list[float], target: int) -> float:
-        return math.log(sum(math.exp(x) for x in row)) - row[target]
-
-    # Position t predicts label t+1: positions 0 -> 2 and 2 -> 0 count; position 1 is masked.
-    expected = nll([2.0, 0.5, -1.0], 2) + nll([1.5, 1.0, 0.5], 0)
-    loss, count, correct = token_loss_sum(logits, labels)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert count.item() == 2
-    assert correct.item() == 1  # position 2 predicts 0 right; position 0 predicts 0, not 2
 
 
 # --- packing never lets attention cross examples (real model) ---------------------------------
@@ -201,12 +235,12 @@ def examples() -> list[tuple[list[int], list[int]]]:
 
 def summed_loss(model: torch.nn.Module, split: Split, pad_id: int = 0) -> tuple[float, int]:
     """Loss as training computes it: position ids, no attention mask, no cache."""
-    b = collate(split, list(range(len(split))), pad_id)
+    b = tbatch.collate(split.rows(range(len(split))), pad_id, "padded")
     with torch.no_grad():
         logits = model(
             input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False
         ).logits
-    loss, count, _ = token_loss_sum(logits, b["labels"])
+    loss, count, _ = tloss.naive_loss_sum(logits, b["labels"])
     return loss.item(), int(count)
 
 
