@@ -41,7 +41,7 @@ def write_config(tmp: Path, rows: int) -> Path:
         "model": {"name_or_path": str(MODEL)},
         "data": {
             "sources": [{"path": str(data), "template": "sst2", "split": "test"}],
-            "max_seq_len": 64,
+            "max_seq_len": 128,
             "num_workers": 1,
         },
         "eval": {"models": ["base"], "max_new_tokens": 1, "batch_size": 256},
