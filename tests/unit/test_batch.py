@@ -20,12 +20,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "stories
 IGNORE = -100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rows(parts: list[list[tuple[int, int]]], seed: int = 0) -> list[tbatch.Row]:

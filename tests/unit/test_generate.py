@@ -57,13 +57,7 @@ def test_cut_at_stop(text: str, stops: list[str], expected: str) -> None:
 # --- generate with the real tiny model --------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a shared CPU they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

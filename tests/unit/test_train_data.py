@@ -197,13 +197,7 @@ def test_loss_tokens_counts_shifted_completion_labels() -> None:
 # --- packing never lets attention cross examples (real model) ---------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a shared CPU they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
