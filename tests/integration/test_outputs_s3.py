@@ -98,6 +98,14 @@ def test_prepare_to_s3_reuses_and_never_exposes_a_partial_dataset(
     assert len(train) == on_s3["splits"]["train"]["rows"]
 
     assert prep.prepare(cfg, log=_quiet)["reused"] is True
+    # A reuse may rewrite the manifest's `inputs` (fresh hashed_at_ns when the first hash came
+    # less than TRUST_NS after the inputs were written); everything else is unchanged.
+    reused = mf.read_manifest(out)
+    assert {k: v for k, v in reused.items() if k != "inputs"} == {
+        k: v for k, v in on_s3.items() if k != "inputs"
+    }
+    assert [i["digest"] for i in reused["inputs"]] == [i["digest"] for i in on_s3["inputs"]]
+    on_s3 = reused
 
     # A new dataset (another seed) whose upload dies midway: the old manifest still names
     # complete files, and the dead upload is never named by any manifest.
