@@ -131,11 +131,17 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     tokens: list[int] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-            self.t0 = time.perf_counter()
+        """Step end to step end, the span ift and the plain loop time: on_step_begin comes
+        after the Trainer has fetched and collated the step's micro-batches, so timing from
+        it would leave the data loading out of the Trainer's steps only."""
+
+        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            self.t_prev = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-            times.append(time.perf_counter() - self.t0)
+            now = time.perf_counter()
+            times.append(now - self.t_prev)
+            self.t_prev = now
 
     ds = dict(spec["ds_config"])
     ds.pop("optimizer", None)  # the Trainer builds its own AdamW (same hyper-parameters)

@@ -22,14 +22,15 @@ run on a fresh Ray; `ray_overhead` = 1 - ift / plain DeepSpeed and `ratio_vs_hf_
 ift / HF Trainer are computed per repeat and reported as the median over repeats, every
 repeat's figures kept under `measurements.runs`.
 
-Scale: each ift run's train function is wrapped in its rank (`watched_worker`): a thread samples
-the rank's RssAnon (anonymous memory; the token store's mapped pages are the page cache's, not
-the rank's) from /proc/self/status every 10 ms, and the first return of
-`training.train.optimizer_step` is timed from the function's start (model load, DeepSpeed
-init, opening the split, the step). Per scale: time to the first step and tokens/s are medians
-over repeats; peak RssAnon is the largest rank's, the minimum over repeats, since from one
-process to the next the imports alone vary by ~130 MiB whatever the data (see
-benchmarks/token_store.py) and such noise only ever adds.
+Scale: each ift run's train function is wrapped in its rank (`watched_worker`), which writes its
+pid and times the first return of `training.train.optimizer_step` from the function's start
+(model load, DeepSpeed init, opening the split, the step). A thread of this script samples each
+rank's RssAnon (anonymous memory; the token store's mapped pages are the page cache's, not the
+rank's) from /proc/<pid>/status every 10 ms (`RankMemory`): from outside, so that the sampling
+takes no turn of the rank's GIL and its throughput is the one the plain loop is compared with.
+Per scale: time to the first step and tokens/s are medians over repeats; peak RssAnon is the largest
+rank's, the minimum over repeats, since from one process to the next the imports alone vary by ~130
+MiB whatever the data (see benchmarks/token_store.py) and such noise only ever adds.
 
 Memory: per-rank bytes of parameters, gradients and optimizer state after the first optimizer
 step and the second backward (the pinned point, see `_train_baselines.run_memory`) of a
@@ -50,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -421,7 +423,8 @@ def ift_run(
     ttrain.train_worker = watched_worker(str(probe_dir))  # type: ignore[assignment]
     t_call = time.time()
     try:
-        ttrain.train(cfg, manifest, tracking=tracking, log=lambda _: None)
+        with RankMemory(probe_dir) as memory:
+            ttrain.train(cfg, manifest, tracking=tracking, log=lambda _: None)
     finally:
         ttrain.train_worker = real
         ray.shutdown()
@@ -430,6 +433,8 @@ def ift_run(
         (json.loads(p.read_text()) for p in probe_dir.glob("rank-*.json")),
         key=lambda r: r["rank"],
     )
+    for r in ranks:
+        r["rss_anon_peak_kib"] = max(memory.peak.get(r["pid"], 0), r["rss_anon_end_kib"])
     if len(ranks) != cfg.train.num_workers:
         raise RuntimeError(f"{len(ranks)} of {cfg.train.num_workers} ranks reported")
     rates = [
@@ -454,30 +459,21 @@ def ift_run(
 
 
 def watched_worker(probe_dir: str) -> Callable[[dict[str, Any]], None]:
-    """`training.train.train_worker`, run as is, with its rank's RssAnon sampled throughout and
-    the end of its first optimizer step timed; each rank writes `probe_dir/rank-<r>.json`.
+    """`training.train.train_worker`, run as is, with the end of its first optimizer step
+    timed; each rank writes `probe_dir/pid-<pid>` when it starts (for `RankMemory`) and
+    `probe_dir/rank-<r>.json` at the end.
 
     Defined in this script, so Ray ships it by value; inside the rank it wraps the module's
     `optimizer_step` (looked up by `train_worker` at each call) with a timer.
     """
 
     def run(config: dict[str, Any]) -> None:
-        import threading
-
         from training import context
         from training import train as ttrain
 
         started = time.time()
-        probe: dict[str, float] = {
-            "rss_anon_start_kib": rss_anon_kib(),
-            "rss_anon_peak_kib": rss_anon_kib(),
-        }
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(SAMPLE_S):
-                probe["rss_anon_peak_kib"] = max(probe["rss_anon_peak_kib"], rss_anon_kib())
-
+        Path(probe_dir, f"pid-{os.getpid()}").touch()
+        probe: dict[str, float] = {"rss_anon_start_kib": rss_anon_kib()}
         real_step = ttrain.optimizer_step
 
         def timed_step(*args: Any, **kwargs: Any) -> Any:
@@ -487,16 +483,12 @@ def watched_worker(probe_dir: str) -> Callable[[dict[str, Any]], None]:
                 probe["rss_anon_first_step_kib"] = rss_anon_kib()
             return out
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         ttrain.optimizer_step = timed_step
         try:
             ttrain.train_worker(config)
         finally:
             ttrain.optimizer_step = real_step
-            done.set()
-            sampler.join()
-        probe["rss_anon_peak_kib"] = max(probe["rss_anon_peak_kib"], rss_anon_kib())
+        probe["rss_anon_end_kib"] = rss_anon_kib()
         rank = context.get_context().get_world_rank()
         record = {"rank": rank, "pid": os.getpid(), "started_at": started, **probe}
         Path(probe_dir, f"rank-{rank}.json").write_text(json.dumps(record))
@@ -504,10 +496,38 @@ def watched_worker(probe_dir: str) -> Callable[[dict[str, Any]], None]:
     return run
 
 
-def rss_anon_kib() -> int:
-    """This process's anonymous resident memory (RssAnon): what it holds itself, without the
+class RankMemory:
+    """Peak RssAnon (KiB) of every process that announced itself in `probe_dir` (`pid-<pid>`),
+    sampled every SAMPLE_S from this process while the block runs."""
+
+    def __init__(self, probe_dir: Path) -> None:
+        self.probe_dir = probe_dir
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RankMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            for pid in [int(p.name[4:]) for p in self.probe_dir.glob("pid-*")]:
+                try:
+                    kib = rss_anon_kib(pid)
+                except (OSError, StopIteration):
+                    continue  # not started yet, or gone
+                self.peak[pid] = max(self.peak.get(pid, 0), kib)
+
+
+def rss_anon_kib(pid: int | str = "self") -> int:
+    """A process's anonymous resident memory (RssAnon): what it holds itself, without the
     file pages it maps (the token store's are the page cache's) and without shared memory."""
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
 
 

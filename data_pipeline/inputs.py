@@ -333,7 +333,18 @@ def delimited_cuts(
         The ranges [(start, end, first line)], and whether any field starts with a quote
         (only then can the quote-aware and the literal readings differ).
     """
-    field_quote = re.compile(rb"(?<=[" + re.escape(delimiter) + rb'\r\n])"')
+    openers = (delimiter[0], ord("\r"), ord("\n"))
+
+    def field_quote(pos: int) -> int:
+        """The first quote at or after `pos` that opens a field, or -1. A `find` loop: the
+        same search as a look-behind regex, which scans in Python's regex engine at every
+        byte, costs a third of the time of planning the 100x benchmark input."""
+        while (q := buf.find(b'"', pos)) > 0:
+            if buf[q - 1] in openers:
+                return q
+            pos = q + 1
+        return -1
+
     ranges: list[tuple[int, int, int]] = []
     quoted = False
     start, first_line = 0, 1  # the current range
@@ -364,17 +375,17 @@ def delimited_cuts(
                     pos = end  # the byte after its quote is not read yet, or it never closes
                     break
                 pos, inside = end + 1, False
-            m = field_quote.search(buf, pos) if quoting else None
-            limit = m.start() if m else len(buf)
+            q = field_quote(pos) if quoting else -1
+            limit = q if q >= 0 else len(buf)
             while (nl := buf.find(b"\n", max(pos, start - base + chunk - 1), limit)) >= 0:
                 line += breaks(mark - base, nl + 1)
                 mark = base + nl + 1
                 ranges.append((start, mark, first_line))
                 start, first_line, pos = mark, line, nl + 1
-            if m is None:
+            if q < 0:
                 pos = len(buf)
                 break
-            quoted, inside, pos = True, True, m.end()
+            quoted, inside, pos = True, True, q + 1
         # Drop what is scanned, keeping the byte before `pos` (the quote's look-behind) and
         # never parting a "\r\n" (one line end).
         keep = pos - 1

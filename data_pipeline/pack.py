@@ -7,7 +7,7 @@ ids inside each original example. Rows are not padded here: the collator pads.
 
 from __future__ import annotations
 
-import bisect
+import heapq
 
 import numpy as np
 
@@ -18,8 +18,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Assign items to bins, longest first, each into the fullest bin it still fits in.
 
     Deterministic: items of equal length go in index order and, among equally full bins, the
-    oldest bin wins. The open bins are kept sorted by remaining room, so each placement is a
-    binary search: O(n log n) overall.
+    oldest bin wins (see `assign_bins`, which this lists by bin).
 
     Args:
         lengths: Item sizes (tokens per example).
@@ -31,30 +30,86 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     Raises:
         ValueError: If an item is empty or longer than ``capacity``.
     """
+    bin_of = assign_bins(np.asarray(lengths, np.int64), capacity)
+    members, sizes = bin_members(bin_of)
+    return [m.tolist() for m in np.split(members, np.cumsum(sizes)[:-1])] if len(sizes) else []
+
+
+def bin_members(bin_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The items of every bin, bin after bin, each bin's in index order; and each bin's size."""
+    return np.argsort(bin_of, kind="stable"), np.bincount(bin_of)
+
+
+def assign_bins(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Best-fit decreasing: each item's bin, bins numbered in the order they open.
+
+    Items go longest first, equal lengths in index order, each into the bin with the least
+    room that still fits it (the oldest among equals), or into a new bin. Placing one item at a
+    time costs a search per item; here each run of equal lengths is placed a bin at a time,
+    which gives the same bins: once an item of length L goes into the bin with the least room
+    r >= L, that bin (room r - L) stays the best fit while r - L >= L, since no bin had a room
+    in [L, r); and with no bin of room >= L, items fill new bins capacity // L at a time. The
+    bins are kept by room: one heap of bin ids per room, and a bitmask of the rooms that have
+    bins, whose lowest set bit at or above L is the best fit.
+
+    Args:
+        lengths: Item sizes (tokens per example), int64.
+        capacity: Bin size (the packed row length).
+
+    Returns:
+        The bin of every item (int64).
+
+    Raises:
+        ValueError: If an item is empty or longer than ``capacity``.
+    """
     if capacity < 1:
         raise ValueError(f"capacity must be positive, got {capacity}")
-    for index, length in enumerate(lengths):
-        if not 1 <= length <= capacity:
-            raise ValueError(f"item {index} has length {length}, outside 1..{capacity}")
+    n = len(lengths)
+    bin_of = np.empty(n, np.int64)
+    if not n:
+        return bin_of
+    bad = np.flatnonzero((lengths < 1) | (lengths > capacity))
+    if len(bad):
+        raise ValueError(f"item {bad[0]} has length {lengths[bad[0]]}, outside 1..{capacity}")
     # Longest first, equal lengths in index order: a stable sort of the negated lengths.
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
-    bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (remaining capacity, bin id), kept sorted
-    for index in order:
-        length = lengths[index]
-        # The first entry with remaining >= length (bin id -1 sorts before every real bin).
-        slot = bisect.bisect_left(room, (length, -1))
-        if slot == len(room):
-            bin_id = len(bins)
-            bins.append([index])
-            remaining = capacity - length
-        else:
-            remaining, bin_id = room.pop(slot)
-            bins[bin_id].append(index)
-            remaining -= length
-        if remaining > 0:
-            bisect.insort(room, (remaining, bin_id))
-    return [sorted(items) for items in bins]
+    order = np.argsort(-lengths, kind="stable")
+    ordered = lengths[order]
+    cuts = (np.flatnonzero(np.diff(ordered)) + 1).tolist()
+    by_room: dict[int, list[int]] = {}  # remaining room -> heap of the ids of its bins
+    rooms = 0  # bit r set: some bin has exactly r left
+    opened = 0
+    for start, stop in zip([0, *cuts], [*cuts, n], strict=True):
+        length = int(ordered[start])
+        pos = start
+        while pos < stop:
+            above = rooms >> length
+            if above:
+                room = length + (above & -above).bit_length() - 1  # the fullest bin that fits
+                heap = by_room[room]
+                bin_id = heapq.heappop(heap)  # the oldest of those
+                if not heap:
+                    rooms ^= 1 << room
+                take = min(stop - pos, room // length)
+                bin_of[order[pos : pos + take]] = bin_id
+                pos += take
+                left = [(room - take * length, bin_id)]
+            else:  # new bins, `per` items each (the last one what remains)
+                per = capacity // length
+                count = stop - pos
+                new = -(-count // per)
+                bin_of[order[pos:stop]] = opened + np.arange(count) // per
+                last = count - (new - 1) * per
+                left = [(capacity - per * length, b) for b in range(opened, opened + new - 1)]
+                left.append((capacity - last * length, opened + new - 1))
+                opened += new
+                pos = stop
+            for remaining, bin_id in left:  # bin ids only grow: each push keeps the heap order
+                if remaining > 0:
+                    heap = by_room.setdefault(remaining, [])
+                    if not heap:
+                        rooms |= 1 << remaining
+                    heapq.heappush(heap, bin_id)
+    return bin_of
 
 
 def pack_bins(

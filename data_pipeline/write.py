@@ -65,72 +65,82 @@ def write_dataset(
     digest = hashlib.sha256()
     splits: dict[str, Any] = {}
     exemplars: dict[str, Any] = {}
-    for name in split.SPLITS:
-        spill = SpillTable(spilled["spill"].get(name))
-        packed = name != "test" and cfg.data.packing
-        writer = ShardWriter(
-            os.path.join(tmp, name), TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
-        )
-        # Training reads train and validation from a memory-mapped copy of the same rows.
-        store = (
-            None
-            if name == "test"
-            else TokenStoreWriter(os.path.join(tmp, STORE_DIR, name), spilled["vocab_size"])
-        )
-        picker = (
-            ExemplarPicker(len(tasks), cfg.data.exemplars)
-            if name == "train" and cfg.data.exemplars
-            else None
-        )
-        histogram = np.zeros(capacity + 1, np.int64)
-        per_task = np.zeros(len(names), np.int64)
-        loss_tokens = examples = n_bins = 0
-        # Packing runs over windows of PACK_WINDOW examples (in input order), so that the
-        # packer's Python lists stay bounded however big the split is.
-        window = PACK_WINDOW if packed else per_slice
-        for kept in kept_rows(spilled["rows"], drops_path, split.SPLIT_CODES[name], window):
-            lengths = spill.lengths(kept)
-            histogram = _add_counts(histogram, lengths)
-            loss_tokens += int(spill.numbers(kept, "loss_tokens").sum(dtype=np.int64))
-            sources = spill.numbers(kept, "source")
-            per_task += np.bincount(sources, minlength=len(names))
-            examples += len(kept)
-            if picker is not None:
-                hi, lo = spill.numbers(kept, "ck_hi"), spill.numbers(kept, "ck_lo")
-                picker.add(kept, hi, lo, task_of_source[sources])
-            if packed:
-                bins = pack.best_fit_decreasing(lengths.tolist(), capacity)
-                n_bins += len(bins)
-                batches: Iterator[pa.Table] = (
-                    _packed_batch(spill, kept, lengths, bins[start : start + per_slice])
-                    for start in range(0, len(bins), per_slice)
-                )
-            else:
-                batches = iter([_plain_batch(spill, kept, names, spilled["multi_file"], name)])
-            for batch in batches:
-                writer.write(batch)
-                if store is not None:
-                    store.write(batch)
-                spill.release()
-        info: dict[str, Any] = {**tokenize.token_stats_from_histogram(histogram, loss_tokens)}
-        info["packed"] = packed
-        if packed:
-            info["packed_rows"] = n_bins
-            info["packing_efficiency"] = (
-                float(info["tokens"]) / (n_bins * capacity) if n_bins else 0.0
+    # Parquet encoding, the token store and the content hash run on a thread, overlapped with
+    # the gathering and packing of the next batch here (both mostly outside the GIL).
+    with InOrder() as output:
+        for name in split.SPLITS:
+            spill = SpillTable(spilled["spill"].get(name))
+            packed = name != "test" and cfg.data.packing
+            writer = ShardWriter(
+                os.path.join(tmp, name), TEST_SCHEMA if name == "test" else PLAIN_SCHEMA
             )
-        info["examples"] = examples
-        info["rows"] = writer.rows
-        info["files"] = writer.close()
-        if store is not None:  # not in the fingerprint: a function of the shards' rows
-            info["store"] = {"path": f"{STORE_DIR}/{name}", **store.close()}
-        digest.update(f"{name}:{writer.rows}:{writer.digest()}".encode())
-        info["per_task"] = {n: int(per_task[i]) for i, n in enumerate(names)}
-        splits[name] = info
-        if picker is not None:
-            exemplars = _write_exemplars(tmp, spill, picker.result(), tasks)
-            digest.update(f"exemplars:{json.dumps(exemplars, sort_keys=True)}".encode())
-        spill.close()
+            # Training reads train and validation from a memory-mapped copy of the same rows.
+            store = (
+                None
+                if name == "test"
+                else TokenStoreWriter(os.path.join(tmp, STORE_DIR, name), spilled["vocab_size"])
+            )
+            picker = (
+                ExemplarPicker(len(tasks), cfg.data.exemplars)
+                if name == "train" and cfg.data.exemplars
+                else None
+            )
+            histogram = np.zeros(capacity + 1, np.int64)
+            per_task = np.zeros(len(names), np.int64)
+            loss_tokens = examples = n_bins = 0
+            # Packing runs over windows of PACK_WINDOW examples (in input order), so that the
+            # packer's arrays stay bounded however big the split is.
+            window = PACK_WINDOW if packed else per_slice
+            for kept in kept_rows(spilled["rows"], drops_path, split.SPLIT_CODES[name], window):
+                lengths = spill.lengths(kept)
+                histogram = _add_counts(histogram, lengths)
+                loss_tokens += int(spill.numbers(kept, "loss_tokens").sum(dtype=np.int64))
+                sources = spill.numbers(kept, "source")
+                per_task += np.bincount(sources, minlength=len(names))
+                examples += len(kept)
+                if picker is not None:
+                    hi, lo = spill.numbers(kept, "ck_hi"), spill.numbers(kept, "ck_lo")
+                    picker.add(kept, hi, lo, task_of_source[sources])
+                if packed:
+                    members, bin_sizes = pack.bin_members(pack.assign_bins(lengths, capacity))
+                    ends = np.cumsum(bin_sizes)
+                    n_bins += len(bin_sizes)
+                    batches: Iterator[pa.Table] = (
+                        _packed_batch(
+                            spill,
+                            kept,
+                            lengths,
+                            members[ends[start] - bin_sizes[start] : ends[stop - 1]],
+                            bin_sizes[start:stop],
+                        )
+                        for start in range(0, len(bin_sizes), per_slice)
+                        for stop in [min(start + per_slice, len(bin_sizes))]
+                    )
+                else:
+                    batches = iter([_plain_batch(spill, kept, names, spilled["multi_file"], name)])
+                for batch in batches:
+                    output.put(_write_batch, writer, store, batch)
+                    spill.release()  # the batch is a copy: its spill pages can go
+            output.drain()
+            info: dict[str, Any] = {**tokenize.token_stats_from_histogram(histogram, loss_tokens)}
+            info["packed"] = packed
+            if packed:
+                info["packed_rows"] = n_bins
+                info["packing_efficiency"] = (
+                    float(info["tokens"]) / (n_bins * capacity) if n_bins else 0.0
+                )
+            info["examples"] = examples
+            info["rows"] = writer.rows
+            info["files"] = writer.close()
+            if store is not None:  # not in the fingerprint: a function of the shards' rows
+                info["store"] = {"path": f"{STORE_DIR}/{name}", **store.close()}
+            digest.update(f"{name}:{writer.rows}:{writer.digest()}".encode())
+            info["per_task"] = {n: int(per_task[i]) for i, n in enumerate(names)}
+            splits[name] = info
+            if picker is not None:
+                exemplars = _write_exemplars(tmp, spill, picker.result(), tasks)
+                digest.update(f"exemplars:{json.dumps(exemplars, sort_keys=True)}".encode())
+            spill.close()
     shutil.rmtree(os.path.join(tmp, SPILL))
     manifest = {
         "version": VERSION,
@@ -164,6 +174,46 @@ def write_dataset(
     # then write the manifest last: a crash at any point before leaves either the old complete
     # dataset or no manifest at all.
     return publish(tmp, out_dir, manifest)
+
+
+def _write_batch(writer: ShardWriter, store: TokenStoreWriter | None, batch: pa.Table) -> None:
+    writer.write(batch)
+    if store is not None:
+        store.write(batch)
+
+
+class InOrder:
+    """Runs calls on one background thread, in the order given, at most `depth` waiting.
+
+    `put` blocks while `depth` calls wait (the batches they hold bound the memory), and raises
+    the first failure of an earlier call; `drain` waits for all of them.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ift-write")
+        self.depth = depth
+        self.pending: list[Any] = []
+
+    def put(self, fn: Any, *args: Any) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> InOrder:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:  # after a failure here, what has not started is dropped
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _add_counts(histogram: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -250,17 +300,19 @@ def _plain_batch(
 
 
 def _packed_batch(
-    spill: SpillTable, kept: np.ndarray, lengths: np.ndarray, bins: list[list[int]]
+    spill: SpillTable,
+    kept: np.ndarray,
+    lengths: np.ndarray,
+    members: np.ndarray,
+    per_row: np.ndarray,
 ) -> pa.Table:
-    """Packed rows for `bins` (indices into `kept`), built by `pack.pack_bins`: the members of
-    each bin are taken from the spill in order and their tokens concatenated."""
-    members = np.fromiter((i for b in bins for i in b), np.int64)
-    per_row = np.fromiter((len(b) for b in bins), np.int64, count=len(bins))
-    rows = spill.take(kept[members], ["input_ids", "labels"])
-    ids = pc.list_flatten(rows.column("input_ids")).to_numpy()
-    example_lens = lengths[members]
+    """Packed rows of bins of `per_row` examples each, `members` (indices into `kept`) bin after
+    bin, built by `pack.pack_bins`: the members are taken from the spill in order and their
+    tokens concatenated."""
+    rows, example_lens = kept[members], lengths[members]
+    ids = spill.flat_values(rows, "input_ids", example_lens)
     labels, token_offsets, member_offsets = pack.pack_bins(
-        pc.list_flatten(rows.column("labels")).to_numpy(), example_lens, per_row
+        spill.flat_values(rows, "labels", example_lens), example_lens, per_row
     )
     token_offsets_arr = pa.array(token_offsets.astype(np.int32))
     return pa.table(

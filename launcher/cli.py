@@ -64,8 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, flags and `key=value` overrides in any order.
+
+    argparse takes a command's positionals (config, overrides) as one run, so overrides after a
+    flag (`ift submit CONFIG --address URL key=value`) come back unrecognized: they are appended
+    to the overrides, in order. Any other leftover is an error, as argparse would report it.
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if "overrides" not in vars(args) or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.command == "score":
             return _score(args)

@@ -5,7 +5,10 @@ prompt so the run is about the driver, not generation. The driver's anonymous me
 the Python heap and numpy arrays, not mapped files or Ray's shared object store) is sampled
 while it runs; its peak at 100x the prompts must stay within 10% of the small run's. Holding
 the prompts, predictions or records of the split in Python lists (as the driver once did)
-costs hundreds of bytes per prompt: tens of MB at 100k, well over that margin.
+costs hundreds of bytes per prompt: tens of MB at 100k, well over that margin. So did reading
+the split with Arrow's threaded, pre-buffered Parquet reader, whose allocator kept the pages
+of every row group read (1.15x: 170 vs 194 MiB); read on one thread with the pool released
+after each chunk (`eval.evaluate._test_batches`), 2026-12-07 measured 159 vs 165 MiB (1.04x).
 """
 
 from __future__ import annotations
@@ -82,12 +85,6 @@ def peak_anon_of(cmd: list[str]) -> int:
     return peak
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="not flat yet: 2026-12-07 measured 170 MiB at 1k prompts vs 194 MiB at 100k (1.15x, "
-    "~250 B/prompt; target 1.1). Suspects: per-example bootstrap tables (StatsByTask "
-    "keep_tables) and Ray Data's per-block state. Issue 13 stays open on it.",
-)
 def test_eval_driver_memory_is_flat_in_the_test_split(tmp_path: Path) -> None:
     peaks = {}
     for rows in (1_000, 100_000):
