@@ -195,7 +195,11 @@ class _SpillWriter:
                 self.writers[name] = pa.ipc.new_file(
                     os.path.join(self.folder, segment), self.schema
                 )
-            self.writers[name].write_table(table.filter(pa.array(mask)).select(SPILL_COLUMNS))
+            # One record batch per table (a worker's table is a chunk per RECORDS_PER_BATCH
+            # records): packing gathers a bin's examples from across a window, at a cost per
+            # batch it touches.
+            rows_of_split = table.filter(pa.array(mask)).select(SPILL_COLUMNS).combine_chunks()
+            self.writers[name].write_table(rows_of_split)
 
     def _flush(self) -> None:
         for w in self.writers.values():
@@ -374,21 +378,24 @@ class SpillTable:
         # Back from batch order to the order asked for.
         return grouped.take(pa.array(np.argsort(np.concatenate(order_parts), kind="stable")))
 
-    def flat_values(self, rows: np.ndarray, column: str, lengths: np.ndarray) -> np.ndarray:
-        """An int32 list column's values at `rows` (their `lengths`), concatenated in the order
-        asked for: one gather per batch straight from its buffers, where `take` would copy the
-        lists twice (gather, then reorder) before they are flattened."""
+    def flat_values(
+        self, rows: np.ndarray, columns: list[str], lengths: np.ndarray
+    ) -> list[np.ndarray]:
+        """Int32 list columns' values at `rows` (lists of `lengths`, the same in every column),
+        each concatenated in the order asked for: one gather per batch straight from its
+        buffers, where `take` would copy the lists twice (gather, then reorder) before they are
+        flattened."""
         ends = np.cumsum(lengths)
-        out = np.empty(int(ends[-1]) if len(ends) else 0, np.int32)
+        out = [np.empty(int(ends[-1]) if len(ends) else 0, np.int32) for _ in columns]
         for batch, where, local in self._groups(rows):
-            lists = batch.column(column)
-            offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy()
             sizes = lengths[where]
             shift = np.cumsum(sizes) - sizes  # where each list starts in this batch's gather
             steps = np.arange(int(shift[-1] + sizes[-1]))
-            src = np.repeat(offsets[local] - shift, sizes) + steps
             dst = np.repeat(ends[where] - sizes - shift, sizes) + steps
-            out[dst] = values[src]
+            for column, values in zip(columns, out, strict=True):
+                lists = batch.column(column)
+                src = np.repeat(lists.offsets.to_numpy()[local] - shift, sizes) + steps
+                values[dst] = lists.values.to_numpy()[src]
         return out
 
     def numbers(self, rows: np.ndarray, column: str) -> np.ndarray:

@@ -309,11 +309,9 @@ def _packed_batch(
     """Packed rows of bins of `per_row` examples each, `members` (indices into `kept`) bin after
     bin, built by `pack.pack_bins`: the members are taken from the spill in order and their
     tokens concatenated."""
-    rows, example_lens = kept[members], lengths[members]
-    ids = spill.flat_values(rows, "input_ids", example_lens)
-    labels, token_offsets, member_offsets = pack.pack_bins(
-        spill.flat_values(rows, "labels", example_lens), example_lens, per_row
-    )
+    example_lens = lengths[members]
+    ids, labels = spill.flat_values(kept[members], ["input_ids", "labels"], example_lens)
+    labels, token_offsets, member_offsets = pack.pack_bins(labels, example_lens, per_row)
     token_offsets_arr = pa.array(token_offsets.astype(np.int32))
     return pa.table(
         {
