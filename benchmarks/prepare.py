@@ -8,7 +8,8 @@ Input: the real SST-2 train set (60,614 phrases, gzipped TSV) and the Alpaca dem
 records), 61,613 records in all, tokenized with GPT-2 at max_seq_len 512 (see
 benchmarks/data/NOTICE.md). `--records N` keeps only the first N SST-2 phrases (for quick
 checks; every figure is then on that smaller input). Every timing below is the median of
-`--repeat` runs; each run's figure is kept in `measurements`.
+`--repeat` runs (`--repeat-x1`, default 9, for ift at 1x and the ceiling: seconds each, and
+the denominators of the scale ratios); each run's figure is kept in `measurements`.
 
 * ift: `prepare()` on a local Ray with 2 CPUs, each run into a fresh output folder so nothing
   is reused. Ray start-up is reported on its own, and so is the first prepare (cold: Ray's
@@ -98,7 +99,7 @@ def main() -> int:
         records = len(pairs)
         texts = [t for pair in pairs for t in pair]
 
-        ceiling = [run_ceiling(texts) for _ in range(args.repeat)]
+        ceiling = [run_ceiling(texts) for _ in range(args.repeat_x1)]
         print(f"ceiling {[round(t, 2) for t, _ in ceiling]} s", flush=True)
         hf = [run_datasets_map(sst2, alpaca, work / "hf_cache") for _ in range(args.repeat)]
         print(f"datasets.map {[round(t, 2) for t, _ in hf]} s", flush=True)
@@ -125,7 +126,8 @@ def main() -> int:
         print(f"ift cold {t_cold:.2f} s (ray.init {t_ray:.1f} s)", flush=True)
         scales: dict[int, dict[str, Any]] = {}
         for scale in args.scales:
-            runs = [run_ift(*inputs[scale], work / "ift") for _ in range(args.repeat)]
+            repeat = args.repeat_x1 if scale == 1 else args.repeat
+            runs = [run_ift(*inputs[scale], work / "ift") for _ in range(repeat)]
             rss = peak_memory(*inputs[scale], work / "ift")
             scales[scale] = {
                 "runs_s": [t for t, _ in runs],
@@ -164,6 +166,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (median)")
     parser.add_argument(
+        "--repeat-x1",
+        type=int,
+        default=9,
+        help="timed runs of ift at 1x and of the ceiling: seconds each, and the denominator of "
+        "every x10/x100 ratio, so more runs steady their medians",
+    )
+    parser.add_argument(
         "--records", type=int, default=None, help="keep only the first N SST-2 phrases (checks)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
@@ -171,8 +180,8 @@ def parse_args() -> argparse.Namespace:
     problems = []
     if not args.scales or args.scales[0] != 1:
         problems.append("--scales must include 1 and be positive")
-    if args.repeat < 1:
-        problems.append("--repeat must be at least 1")
+    if args.repeat < 1 or args.repeat_x1 < 1:
+        problems.append("--repeat and --repeat-x1 must be at least 1")
     if args.records is not None and args.records < 1:
         problems.append("--records must be at least 1")
     if importlib.util.find_spec("trl") is None:
@@ -521,6 +530,7 @@ def report(
     measurements: dict[str, Any] = {
         "records": records,
         "repeat": args.repeat,
+        "repeat_x1": args.repeat_x1,
         "ift_examples": sum(s["examples"] for s in splits.values()),
         "ift_tokens": sum(s["tokens"] for s in splits.values()),
         "ift_rejected": manifest.get("rejected"),
