@@ -23,8 +23,9 @@ run: install
 	$(VENV)/bin/ift run $(CONFIG)
 
 # The suite CI runs (under 30 minutes on 2 cores): everything but the tests marked `slow`.
+# It lists its 30 slowest tests, so the CI log shows where the time goes.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=30 $(PYTEST_ARGS) tests
 
 # The long fault-injection and load tests (tests marked `slow`, most in tests/reliability/).
 test-reliability: install

@@ -180,6 +180,9 @@ def _write_batch(writer: ShardWriter, store: TokenStoreWriter | None, batch: pa.
     writer.write(batch)
     if store is not None:
         store.write(batch)
+    # Arrow's allocator keeps the pages a thread freed for that thread: hand back what the
+    # Parquet encoder freed, or the writer thread's idle heap grows with the batches.
+    pa.default_memory_pool().release_unused()
 
 
 class InOrder:
