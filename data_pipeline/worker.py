@@ -67,7 +67,12 @@ def process_unit(unit: dict[str, Any], key: str, worker_args: dict[str, Any]) ->
     if worker is None:
         _WORKERS.clear()
         worker = _WORKERS[key] = ShardWorker(**worker_args)
-    yield from worker._tables(unit)
+    pool = pa.default_memory_pool()
+    for table in worker._tables(unit):
+        yield table
+        # Hand Arrow's freed pages back once a table has left: its allocator keeps them, and
+        # a long-lived worker's idle heap would grow over a big prepare.
+        pool.release_unused()
 
 
 def worker_key(worker_args: dict[str, Any]) -> str:
