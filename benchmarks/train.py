@@ -26,7 +26,7 @@ Scale: each ift run's train function is wrapped in its rank (`watched_worker`), 
 pid and times the first return of `training.train.optimizer_step` from the function's start
 (model load, DeepSpeed init, opening the split, the step). A thread of this script samples each
 rank's RssAnon (anonymous memory; the token store's mapped pages are the page cache's, not the
-rank's) from /proc/<pid>/status every 10 ms (`RankMemory`): from outside, so that the sampling
+rank's) from /proc/<pid>/status every 50 ms (`RankMemory`): from outside, so that the sampling
 takes no turn of the rank's GIL and its throughput is the one the plain loop is compared with.
 Per scale: time to the first step and tokens/s are medians over repeats; peak RssAnon is the largest
 rank's, the minimum over repeats, since from one process to the next the imports alone vary by ~130
@@ -63,7 +63,9 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_DATA = ROOT / "benchmarks" / "data" / "sst2_train.tsv.gz"
 MAX_SEQ_LEN = 256
-SAMPLE_S = 0.01
+# A rank's memory rises over seconds (model load, DeepSpeed init); sampling every 10 ms cost the
+# benchmark process ~2.5% of the 2 cores the ranks run on.
+SAMPLE_S = 0.05
 SMALL = {
     "hidden_size": 256,
     "intermediate_size": 688,
