@@ -103,18 +103,9 @@ def write_dataset(
                     picker.add(kept, hi, lo, task_of_source[sources])
                 if packed:
                     members, bin_sizes = pack.bin_members(pack.assign_bins(lengths, capacity))
-                    ends = np.cumsum(bin_sizes)
                     n_bins += len(bin_sizes)
-                    batches: Iterator[pa.Table] = (
-                        _packed_batch(
-                            spill,
-                            kept,
-                            lengths,
-                            members[ends[start] - bin_sizes[start] : ends[stop - 1]],
-                            bin_sizes[start:stop],
-                        )
-                        for start in range(0, len(bin_sizes), per_slice)
-                        for stop in [min(start + per_slice, len(bin_sizes))]
+                    batches: Iterator[pa.Table] = _packed_batches(
+                        spill, kept, lengths, members, bin_sizes, per_slice
                     )
                 else:
                     batches = iter([_plain_batch(spill, kept, names, spilled["multi_file"], name)])
@@ -300,6 +291,24 @@ def _plain_batch(
         cols["reference"] = rows.column("reference").combine_chunks()
         cols["prompt_ids"] = rows.column("prompt_ids").combine_chunks()
     return pa.table(cols, schema=TEST_SCHEMA if with_text else PLAIN_SCHEMA)
+
+
+def _packed_batches(
+    spill: SpillTable,
+    kept: np.ndarray,
+    lengths: np.ndarray,
+    members: np.ndarray,
+    bin_sizes: np.ndarray,
+    per_slice: int,
+) -> Iterator[pa.Table]:
+    """The packed rows of a window, `per_slice` bins at a time (`members`: the examples, as
+    indices into `kept`, bin after bin; `bin_sizes`: how many each bin holds)."""
+    member_at = np.concatenate([[0], np.cumsum(bin_sizes)])
+    for a in range(0, len(bin_sizes), per_slice):
+        b = min(a + per_slice, len(bin_sizes))
+        yield _packed_batch(
+            spill, kept, lengths, members[member_at[a] : member_at[b]], bin_sizes[a:b]
+        )
 
 
 def _packed_batch(
