@@ -65,6 +65,11 @@ class DataSource(_Strict):
     """Keep only the first N good records of this source (in file order)."""
     metrics: list[str] | None = None
     """Eval metrics for this task; defaults by template (accuracy, bleu/chrf, rouge, ...)."""
+    weight: float | None = Field(default=None, gt=0)
+    """Mixing weight of this source's train examples. When any source has one, source i gets
+    round(N x w_i / sum(w)) train examples, N the sum of the sources' kept train examples (or
+    `data.mix_total`): sampled without repetition below its size, whole passes then a sample
+    above it. Validation and test are untouched."""
 
     @property
     def task_name(self) -> str:
@@ -89,6 +94,9 @@ class DataConfig(_Strict):
     max_reject_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     max_test_records: int | None = Field(default=None, gt=0)
     """Cap on test records per source (eval cost); the rest of the test split is dropped."""
+    mix_total: int | None = Field(default=None, gt=0)
+    """Train examples of the weighted mixture (see `DataSource.weight`); default: the sum of
+    the sources' kept train examples."""
     exemplars: int = Field(default=8, ge=0)
     """Train records per task kept as text in `exemplars/<task>.jsonl` (chosen by content hash,
     so independent of file order) for k-shot prompting of the base model (`eval.few_shot`)."""
@@ -143,6 +151,9 @@ class TrainConfig(_Strict):
     lora: LoraSettings | None = None
     """Train LoRA adapters (peft) instead of all weights; `model/` gets the merged model and
     `model/adapter/` the adapter alone."""
+    check_fit: bool = True
+    """Refuse to start (`ift run`, `submit`, `k8s`) when `ift plan` says the run cannot fit the
+    GPU (or, on CPU, the host) memory."""
     stop_after_steps: int | None = Field(default=None, gt=0)
     """Stop (after checkpointing) once this step is reached, as if interrupted: for resume tests."""
 
@@ -210,6 +221,10 @@ class ClusterConfig(_Strict):
     """Ray address to join (`auto`, `ray://...`); None starts a local Ray."""
     num_cpus: int | None = Field(default=None, gt=0)
     """CPUs of the local Ray started when `address` is None (default: all)."""
+    gpu_memory_gb: float | None = Field(default=None, gt=0)
+    """Memory of one GPU in GB, for `ift plan`'s fit check; default from `gpu_type`."""
+    gpu_type: str | None = None
+    """A known GPU (`ift plan` lists them, e.g. H100-80GB, A100-40GB) giving `gpu_memory_gb`."""
 
     # Kubernetes (`ift k8s`, rendered by launcher/k8s.py): the rest of this section.
     class Toleration(_Strict):
@@ -413,6 +428,17 @@ def cross_check(cfg: Config) -> list[str]:
             f"eval.few_shot: {e.few_shot} exemplars but prepare keeps only "
             f"data.exemplars={cfg.data.exemplars} per task"
         )
+    weighted = [s.weight is not None for s in cfg.data.sources]
+    if any(weighted):
+        # A source pinned to validation or test has no train examples to weigh.
+        for i, (src, has) in enumerate(zip(cfg.data.sources, weighted, strict=True)):
+            if not has and src.split in (None, "train"):
+                problems.append(
+                    f"data.sources.{i}.weight: missing; when one source has a mixing weight, "
+                    "every source with train examples needs one"
+                )
+    elif cfg.data.mix_total is not None:
+        problems.append("data.mix_total: set, but no source has a mixing weight")
     problems += k8s_cross_check(cfg)
     problems += storage_check(cfg)
     ratios = cfg.data.split
