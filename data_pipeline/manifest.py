@@ -8,7 +8,12 @@ writes them; nothing else of data_pipeline's internals crosses that line
   `version` is `VERSION`; `splits.<name>` gives `rows`, `tokens`, `files` (Parquet shards
   relative to the folder) and the per-task counts; for train and validation, `store`: the
   split's token store (`path` relative to the folder, plus its index: `dtype`, `rows`,
-  `tokens`, `examples`, `loss_tokens`, `files`; see `data_pipeline.token_store`).
+  `tokens`, `examples`, `loss_tokens`, `files`; see `data_pipeline.token_store`). With
+  mixing weights (`data.sources[].weight`) also `mix`: `total` (N) and `sources`, per source
+  in config order `task`, `weight` (0 when ignored: pinned to validation or test), `kept`
+  (train examples before mixing), `mixed` (after; the train split's `per_task` counts them),
+  `passes` (whole passes), `sampled` (the remainder drawn) and `repeats` (examples beyond a
+  row's first copy); absent without weights.
 - `store/<split>/`: train and validation as a token store, the same rows as the Parquet
   shards, which training ranks open by memory map.
 - `<split>/part-NNNNN.parquet`: `PLAIN_SCHEMA` rows for train and validation (packed or one

@@ -5,6 +5,11 @@ computed, so that the result depends on the inputs alone, never on how they were
 units or on which worker finished first. Nothing here holds a per-record array of the whole
 input: the rules read the spill's key buckets one at a time and its row table a slice at a
 time (see `spill`), and mark the rows they drop in `drops.bin`, one byte per row on disk.
+
+With mixing weights (`data.sources[].weight`), `select_rows` also lists each source's kept
+train rows in a file of its own and decides from the counts how many train examples each
+source gets (`mix`); `mixed_rows` then streams them, repeats included, in place of
+`kept_rows`.
 """
 
 from __future__ import annotations
@@ -15,26 +20,32 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import split
-from data_pipeline.spill import N_BUCKETS, KeyBuckets, row_slices
+from data_pipeline import mix, split
+from data_pipeline.errors import PrepareError
+from data_pipeline.spill import N_BUCKETS, SLICE_ROWS, KeyBuckets, row_slices
 
 # Why a row was dropped (its byte in drops.bin); 0 keeps it.
 KEPT, DUPLICATE, CAPPED, OVERLAP = 0, 1, 2, 3
 
 
-def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, int]]:
-    """Which good rows are kept: dedupe, per-source caps, then no prompt in two splits.
+def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Which good rows are kept: dedupe, per-source caps, then no prompt in two splits; with
+    mixing weights, how many train examples each source gets (`mix_plan`).
 
     Returns:
         The path of drops.bin (a byte per good row in input order, KEPT or why dropped) and
-        the counts of each rule.
+        the counts of each rule, with `mix`: the mixing plan, or None without weights.
+
+    Raises:
+        PrepareError: A weighted source is owed train examples but has none kept.
     """
     n = spilled["good"]
     drops_path = os.path.join(os.path.dirname(spilled["rows"]), "drops.bin")
     with open(drops_path, "wb") as f:
         f.truncate(n)  # all KEPT (zero bytes), without writing them
-    stats = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0}
+    stats: dict[str, Any] = {"good": n, "duplicates": 0, "capped": 0, "overlap": 0, "mix": None}
     if not n:
+        stats["mix"] = mix_plan(cfg, spilled["rows"], drops_path)
         return drops_path, stats
     drops = np.memmap(drops_path, np.uint8, "r+", shape=(n,))
     if cfg.data.dedupe:
@@ -65,7 +76,104 @@ def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, int]]
                 stats["overlap"] += int(leak.sum())
                 keep &= ~leak
     drops.flush()
+    del drops
+    stats["mix"] = mix_plan(cfg, spilled["rows"], drops_path)
     return drops_path, stats
+
+
+def mix_plan(cfg: Any, rows_path: str, drops_path: str) -> dict[str, Any] | None:
+    """The mixing plan of the train split, or None when no source has a weight.
+
+    One pass over the row table: each weighted source's kept train rows (as indices into the
+    train spill, in input order) go to `mix-<source>.bin` next to drops.bin, O(rows of that
+    source) on disk; only the counts stay in memory, and `mix.mix_counts` turns them into
+    each source's number of examples. A source pinned to validation or test has no train
+    rows: its weight is ignored.
+
+    Returns:
+        Per source (lists in source order): `weights` (0 where ignored), `kept`, `targets`,
+        `files` (None where ignored); and `total` (N: `data.mix_total`, or the sum of `kept`)
+        and `seed`.
+    """
+    sources = cfg.data.sources
+    if all(src.weight is None for src in sources):
+        return None
+    weights = [
+        float(src.weight) if src.weight is not None and src.split in (None, "train") else 0.0
+        for src in sources
+    ]
+    folder = os.path.dirname(drops_path)
+    files = [
+        os.path.join(folder, f"mix-{i:05d}.bin") if w > 0 else None for i, w in enumerate(weights)
+    ]
+    kept = [0] * len(sources)
+    code = split.SPLIT_CODES["train"]
+    outs = {i: open(path, "wb") for i, path in enumerate(files) if path is not None}  # noqa: SIM115
+    try:
+        base = 0  # train rows before the slice
+        for _, meta, drops in row_slices(rows_path, drops_path):
+            mine = meta["split"] == code
+            train_index = base + np.arange(int(mine.sum()), dtype=np.int64)
+            base += len(train_index)
+            keep = drops[mine] == KEPT
+            src = meta["source"][mine]
+            for i, f in outs.items():
+                rows = train_index[keep & (src == i)]
+                f.write(rows.tobytes())
+                kept[i] += len(rows)
+    finally:
+        for f in outs.values():
+            f.close()
+    total = sum(kept) if cfg.data.mix_total is None else cfg.data.mix_total
+    targets = mix.mix_counts(kept, weights, total)
+    empty = [
+        f"data.sources.{i} ({src.task_name}): weight {src.weight} asks for {t} train examples "
+        "but none is kept"
+        for i, (src, k, t) in enumerate(zip(sources, kept, targets, strict=True))
+        if t and not k
+    ]
+    if empty:
+        raise PrepareError("; ".join(empty) + " (all in other splits, duplicates or capped)")
+    return {
+        "weights": weights,
+        "kept": kept,
+        "targets": targets,
+        "files": files,
+        "total": total,
+        "seed": cfg.experiment.seed,
+    }
+
+
+def mixed_rows(plan: dict[str, Any], size: int) -> Iterator[np.ndarray]:
+    """The train rows of the mixture as indices into the train spill, repeats included, in
+    arrays of exactly `size` (the last one shorter).
+
+    Source after source, pass after pass: pass p writes the source's kept train rows (in
+    input order) whose `mix.multiplicity` exceeds p, i.e. every row in each of the whole
+    passes, then the sampled remainder. Each source's rows are read from its file
+    (`mix_plan`) SLICE_ROWS at a time, so the work is proportional to the rows written.
+    """
+    carry = np.zeros(0, np.int64)
+    for i, path in enumerate(plan["files"]):
+        kept, target = plan["kept"][i], plan["targets"][i]
+        if path is None or not target:
+            continue
+        rows = np.memmap(path, np.int64, "r", shape=(kept,))
+        passes, sampled = divmod(target, kept)
+        for p in range(passes + (sampled > 0)):
+            for start in range(0, kept, SLICE_ROWS):
+                part = np.asarray(rows[start : start + SLICE_ROWS])
+                if p == passes:  # the remainder
+                    ordinals = np.arange(start, start + len(part), dtype=np.int64)
+                    part = part[mix.chosen(ordinals, kept, sampled, plan["seed"], i)]
+                carry = np.concatenate([carry, part])
+                full = len(carry) - len(carry) % size
+                for a in range(0, full, size):
+                    yield carry[a : a + size]
+                carry = carry[full:]
+        del rows
+    if len(carry):
+        yield carry
 
 
 def _cap(cfg: Any, rows_path: str, drops_path: str) -> int:

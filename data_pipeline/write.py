@@ -5,7 +5,8 @@ train and validation (best-fit decreasing over windows of PACK_WINDOW examples, 
 lengths alone), writes Parquet shards of ROWS_PER_SHARD rows while hashing their content into
 the dataset's fingerprint, picks the exemplars, then moves the finished folder into place and
 writes `manifest.json` last. A crash at any point leaves either the previous complete dataset
-or no manifest at all.
+or no manifest at all. With mixing weights the train split streams the mixture instead
+(`selection.mixed_rows`): a repeated row is written as several examples.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from data_pipeline.manifest import (
     VERSION,
     publish,
 )
-from data_pipeline.selection import ExemplarPicker, kept_rows
+from data_pipeline.selection import ExemplarPicker, kept_rows, mixed_rows
 from data_pipeline.spill import SPILL, SpillTable, list_lengths
 from data_pipeline.token_store import STORE_DIR, TokenStoreWriter
 
@@ -50,13 +51,14 @@ def write_dataset(
     out_dir: str,
     drops_path: str,
     spilled: dict[str, Any],
-    stats: dict[str, int],
+    stats: dict[str, Any],
     config_hash: str,
     tok_path: str,
 ) -> dict[str, Any]:
     """Write every split's kept rows from the spill into `tmp`, swap it into `out_dir`, and
     write the manifest last. Each split streams its kept rows in input order, a window at a
-    time (`kept_rows`), so nothing here grows with the number of rows."""
+    time (`kept_rows`; train with mixing weights: `mixed_rows`, following `stats["mix"]`), so
+    nothing here grows with the number of rows."""
     names = [s.task_name for s in cfg.data.sources]
     tasks = sorted(set(names))
     task_of_source = np.asarray([tasks.index(n) for n in names], np.int64)
@@ -88,10 +90,15 @@ def write_dataset(
             histogram = np.zeros(capacity + 1, np.int64)
             per_task = np.zeros(len(names), np.int64)
             loss_tokens = examples = n_bins = 0
-            # Packing runs over windows of PACK_WINDOW examples (in input order), so that the
-            # packer's arrays stay bounded however big the split is.
+            # Packing runs over windows of PACK_WINDOW examples (in input order; a weighted
+            # train split in the mixture's), so that the packer's arrays stay bounded however
+            # big the split is.
             window = PACK_WINDOW if packed else per_slice
-            for kept in kept_rows(spilled["rows"], drops_path, split.SPLIT_CODES[name], window):
+            if name == "train" and stats["mix"] is not None:
+                windows = mixed_rows(stats["mix"], window)
+            else:
+                windows = kept_rows(spilled["rows"], drops_path, split.SPLIT_CODES[name], window)
+            for kept in windows:
                 lengths = spill.lengths(kept)
                 histogram = _add_counts(histogram, lengths)
                 loss_tokens += int(spill.numbers(kept, "loss_tokens").sum(dtype=np.int64))
@@ -157,6 +164,7 @@ def write_dataset(
         "duplicates": stats["duplicates"],
         "capped": stats["capped"],
         "overlap_dropped": stats["overlap"],
+        **({"mix": _mix_entries(cfg, stats["mix"])} if stats["mix"] is not None else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # What the next run's reuse check needs to skip re-hashing unchanged inputs.
         "inputs": spilled["inputs"],
@@ -165,6 +173,29 @@ def write_dataset(
     # then write the manifest last: a crash at any point before leaves either the old complete
     # dataset or no manifest at all.
     return publish(tmp, out_dir, manifest)
+
+
+def _mix_entries(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `mix`: N (`total`) and per source (`sources`, in order) its weight and
+    train examples kept before mixing and written after it, and how: whole passes, the sampled
+    remainder, and the repeats (examples beyond the first copy of a row)."""
+    entries = []
+    for src, weight, kept, target in zip(
+        cfg.data.sources, plan["weights"], plan["kept"], plan["targets"], strict=True
+    ):
+        passes, sampled = divmod(target, kept) if kept else (0, 0)
+        entries.append(
+            {
+                "task": src.task_name,
+                "weight": weight,
+                "kept": kept,
+                "mixed": target,
+                "passes": passes,
+                "sampled": sampled,
+                "repeats": target - min(target, kept),
+            }
+        )
+    return {"total": plan["total"], "sources": entries}
 
 
 def _write_batch(writer: ShardWriter, store: TokenStoreWriter | None, batch: pa.Table) -> None:

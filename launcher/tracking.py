@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -112,6 +113,15 @@ class Tracker:
             metrics[f"data/{split}_tokens"] = info.get("tokens", 0)
             if "packing_efficiency" in info:
                 metrics[f"data/{split}_packing_efficiency"] = info["packing_efficiency"]
+        if "mix" in manifest:  # weighted mixing: each source's train examples before and after
+            params = {"data.mix.total": manifest["mix"]["total"]}
+            for i, entry in enumerate(manifest["mix"]["sources"]):
+                name = re.sub(r"[^\w\-. ]", "_", f"{i}_{entry['task']}")  # MLflow's key chars
+                params[f"data.mix.{name}.weight"] = entry["weight"]
+                params[f"data.mix.{name}.mixed"] = entry["mixed"]
+                for key in ("kept", "mixed", "repeats"):
+                    metrics[f"data/mix/{name}/{key}"] = entry[key]
+            mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_dict(manifest, "data/manifest.json")
         self.log_dataset(manifest, data_dir, "prepared")

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from data_pipeline.manifest import VERSION as MANIFEST_VERSION
+from data_pipeline.permutation import keyed_permutation
 from data_pipeline.token_store import TokenStore, local_copy, open_store
 
 # A split as training reads it: `len`, `rows(idx)`, `loss_tokens(idx)` over a memory-mapped
@@ -73,26 +74,10 @@ def total_steps(n_rows: int, global_batch: int, epochs: float, max_steps: int | 
     return max(1, int(round(epochs * steps_per_epoch(n_rows, global_batch))))
 
 
-FEISTEL_ROUNDS = 6
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a fast, well-mixed bijection of uint64 (wraps on purpose)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def shuffled_rows(positions: np.ndarray, n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The rows at `positions` of epoch `epoch`'s order: a keyed bijection of [0, n_rows).
-
-    A Feistel network over the smallest number of bits that covers `n_rows` (so the domain is
-    under 2 x n_rows), keyed by (seed, epoch): the value is cut into a high and a low half and
-    the rounds alternately XOR one half with a keyed hash of the other, each round a bijection.
-    Cycle walking: a value that lands outside [0, n_rows) is permuted again until it is inside,
-    which keeps a bijection (the walk follows the cycle of a permutation, whose start is
-    inside). Cost and memory are O(len(positions)), never O(n_rows), so each step computes
-    only its own global batch and the step alone fixes it.
+    """The rows at `positions` of epoch `epoch`'s order: a bijection of [0, n_rows) keyed by
+    (seed, epoch) (`data_pipeline.permutation`). Cost and memory are O(len(positions)), never
+    O(n_rows), so each step computes only its own global batch and the step alone fixes it.
 
     Args:
         positions: int positions in [0, n_rows) within the epoch.
@@ -102,32 +87,7 @@ def shuffled_rows(positions: np.ndarray, n_rows: int, seed: int, epoch: int) -> 
     Returns:
         int64 row indices, one per position.
     """
-    pos = np.asarray(positions, np.int64)
-    if len(pos) and (pos.min() < 0 or pos.max() >= n_rows):
-        raise ValueError(f"positions must lie in [0, {n_rows})")
-    if n_rows <= 1:
-        return pos.copy()
-    bits = (n_rows - 1).bit_length()
-    low_bits = bits // 2
-    shift = np.uint64(low_bits)
-    high_mask, low_mask = np.uint64((1 << (bits - low_bits)) - 1), np.uint64((1 << low_bits) - 1)
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)
-
-    def permute(x: np.ndarray) -> np.ndarray:
-        high, low = x >> shift, x & low_mask
-        for r, key in enumerate(keys):
-            if r % 2 == 0:
-                high = high ^ (_mix(low ^ key) & high_mask)
-            else:
-                low = low ^ (_mix(high ^ key) & low_mask)
-        return (high << shift) | low
-
-    out = permute(pos.astype(np.uint64))
-    outside = np.flatnonzero(out >= np.uint64(n_rows))
-    while len(outside):
-        out[outside] = permute(out[outside])
-        outside = outside[out[outside] >= np.uint64(n_rows)]
-    return out.astype(np.int64)
+    return keyed_permutation(positions, n_rows, (seed, epoch))
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
