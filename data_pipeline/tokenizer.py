@@ -65,7 +65,15 @@ def make_encoder(spec: dict[str, Any]) -> Callable[[list[str]], list[list[int]]]
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # From a folder without tokenizer files (a config-only model folder) transformers 5 builds
+    # an empty tokenizer instead of failing: every text would encode to no ids at all.
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise PrepareError(
+            f"{path}: no tokenizer in this folder (tokenizer.json, tokenizer.model, ...); "
+            "set model.tokenizer to a folder that has one"
+        )
+    return tok
 
 
 def special_ids(tok: Any) -> tuple[int | None, int]:

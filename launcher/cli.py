@@ -4,9 +4,11 @@ ift prepare CONFIG [key=value ...]
 ift train   CONFIG [key=value ...]
 ift eval    CONFIG [key=value ...]
 ift run     CONFIG [key=value ...]
+ift plan    CONFIG [key=value ...] [--json] [--mfu 0.4]
 ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers N] ...
-ift submit  CONFIG --address http://HEAD:8265
-ift k8s     CONFIG [--out DIR]
+ift submit  CONFIG --address http://HEAD:8265 [key=value ...]
+ift jobs    list|logs|stop [JOB_ID] --address http://HEAD:8265
+ift k8s     CONFIG [--out DIR] [key=value ...]
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.config import ConfigError, load_config
+from launcher.config import Config, ConfigError, load_config
 
 STAGES = {
     "prepare": ("prepare",),
@@ -22,13 +24,21 @@ STAGES = {
     "eval": ("eval",),
     "run": ("prepare", "train", "eval"),
 }
+# Stages that refuse a plan that cannot fit (`train.check_fit`): `ift run`, `ift train`, and
+# `ift submit` / `ift k8s` of those stages.
+FIT_CHECKED = ("run", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ift", description="Distributed instruction fine-tuning.")
+    p = argparse.ArgumentParser(
+        prog="ift",
+        description="Distributed instruction fine-tuning. Every command takes its flags and its "
+        "key=value overrides in any order.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    overrides_help = "dotted key=value overrides of the config, e.g. train.zero_stage=3"
     helps = {
-        "prepare": "template, split, tokenize and pack the data (Ray Data)",
+        "prepare": "template, split, tokenize and pack the data (Ray tasks)",
         "train": "fine-tune with DeepSpeed ZeRO on Ray Train (prepares data first if needed)",
         "eval": "generate on the test split with the base and fine-tuned models; score",
         "run": "prepare -> train -> eval under one MLflow pipeline run",
@@ -36,26 +46,43 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("config", help="experiment YAML")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
+        sp.add_argument("overrides", nargs="*", help=overrides_help)
+    text = "print what a run will do (data, steps, parameters, memory per GPU, fit) without Ray"
+    pl = sub.add_parser("plan", help=text, description=text)
+    pl.add_argument("config", help="experiment YAML")
+    pl.add_argument("overrides", nargs="*", help=overrides_help)
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument(
+        "--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate"
+    )
     from eval.score import add_score_arguments  # the one `ift score` parser: eval/score.py
 
     text = "score an existing predictions JSONL"
     add_score_arguments(sub.add_parser("score", help=text, description=text))
-    sm = sub.add_parser("submit", help="submit the pipeline as a Ray job")
-    sm.add_argument("config")
-    sm.add_argument("overrides", nargs="*")
-    sm.add_argument("--address", required=True)
-    sm.add_argument("--stage", default="run", choices=list(STAGES))
-    sm.add_argument("--no-wait", action="store_true")
-    sm.add_argument("--token-file", default=None, help="Ray auth token (default ~/.ray/auth_token)")
-    jb = sub.add_parser("jobs", help="list, show logs of, or stop submitted Ray jobs")
-    jb.add_argument("action", choices=["list", "logs", "stop"])
-    jb.add_argument("job_id", nargs="?")
-    jb.add_argument("--address", required=True)
-    jb.add_argument("--token-file", default=None)
-    k8 = sub.add_parser("k8s", help="render KubeRay manifests for this experiment")
-    k8.add_argument("config")
-    k8.add_argument("overrides", nargs="*")
+    text = "submit the pipeline as a Ray job to a running Ray cluster"
+    sm = sub.add_parser("submit", help=text, description=text)
+    sm.add_argument("config", help="experiment YAML (its folder is shipped as the job's workdir)")
+    sm.add_argument("overrides", nargs="*", help=overrides_help)
+    address_help = "the Ray dashboard / job server, e.g. http://HEAD:8265"
+    token_help = "file with the Ray auth token (default ~/.ray/auth_token)"
+    sm.add_argument("--address", required=True, help=address_help)
+    sm.add_argument(
+        "--stage", default="run", choices=list(STAGES), help="what the job runs (default: run)"
+    )
+    sm.add_argument(
+        "--no-wait", action="store_true", help="return once submitted instead of following logs"
+    )
+    sm.add_argument("--token-file", default=None, help=token_help)
+    text = "list, show logs of, or stop submitted Ray jobs"
+    jb = sub.add_parser("jobs", help=text, description=text)
+    jb.add_argument("action", choices=["list", "logs", "stop"], help="what to do")
+    jb.add_argument("job_id", nargs="?", help="the job (submission id) for logs and stop")
+    jb.add_argument("--address", required=True, help=address_help)
+    jb.add_argument("--token-file", default=None, help=token_help)
+    text = "render KubeRay manifests (RayCluster + RayJob) for this experiment"
+    k8 = sub.add_parser("k8s", help=text, description=text)
+    k8.add_argument("config", help="experiment YAML (its `cluster` section sizes the pods)")
+    k8.add_argument("overrides", nargs="*", help=overrides_help)
     k8.add_argument(
         "--out",
         default=None,
@@ -85,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _score(args)
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "jobs":
+            from launcher.submit import jobs
+
+            return jobs(args.action, args.job_id, args.address, token_file=args.token_file)
+        # `submit` and `k8s` run on a cluster (see `load_config`); `submit` loads the config
+        # again itself, the same way.
+        cluster_side = args.command in ("submit", "k8s")
+        cfg = load_config(args.config, args.overrides, cluster_side=cluster_side)
+        # Refuse a run that cannot fit before any cluster resource starts.
+        stage = {"submit": getattr(args, "stage", None), "k8s": cfg.cluster.stage}
+        if stage.get(args.command, args.command) in FIT_CHECKED:
+            _check_fit(cfg)
         if args.command == "submit":
             from launcher.submit import submit
 
@@ -96,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
                 wait=not args.no_wait,
                 token_file=args.token_file,
             )
-        if args.command == "jobs":
-            from launcher.submit import jobs
-
-            return jobs(args.action, args.job_id, args.address, token_file=args.token_file)
-        cfg = load_config(args.config, args.overrides)
         if args.command == "k8s":
             from launcher import k8s
 
@@ -122,6 +158,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ift {args.command}: {e}", file=sys.stderr)
         return 1
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from launcher.plan import build_plan, format_plan, gpu_type_problems
+
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu: {args.mfu} is not in (0, 1]")
+    cfg = load_config(args.config, args.overrides)
+    problems = gpu_type_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    plan = build_plan(cfg, mfu=args.mfu)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _check_fit(cfg: Config) -> None:
+    from launcher.plan import check_fit
+
+    note = check_fit(cfg)
+    if note:
+        print(f"ift: {note}", file=sys.stderr)
 
 
 def _score(args: argparse.Namespace) -> int:

@@ -579,17 +579,36 @@ def k8s_cross_check(cfg: Config) -> list[str]:
     return problems
 
 
-def resource_checks(raw: dict[str, Any]) -> list[str]:
+def resource_checks(raw: dict[str, Any], cluster_side: bool = False) -> list[str]:
     """Model folders, source files, templates and metrics, checked on the raw dict so that they
-    are reported together with schema errors."""
+    are reported together with schema errors.
+
+    With `cluster_side` (`ift submit`, `ift k8s`: the run happens elsewhere), a path under
+    `cluster.storage_mount_path` that this machine does not have is taken to be on the
+    cluster's shared volume; the job itself reports it if it is missing there.
+    """
     problems: list[str] = []
+    cluster: dict[str, Any] = raw["cluster"] if isinstance(raw.get("cluster"), dict) else {}
+    mount = cluster.get(
+        "storage_mount_path", ClusterConfig.model_fields["storage_mount_path"].default
+    )
+    volume = f"{str(mount).rstrip('/')}/" if cluster_side and isinstance(mount, str) else None
+
+    def elsewhere(path: str) -> bool:
+        return volume is not None and path.startswith(volume)
+
     model: dict[str, Any] = raw["model"] if isinstance(raw.get("model"), dict) else {}
     for key in ("name_or_path", "tokenizer"):
         path = model.get(key)
         if isinstance(path, str) and "\x00" in path:  # os/pwd calls raise ValueError on NUL
             problems.append(f"model.{key}: path contains a NUL character: {path!r}")
             continue
-        if not isinstance(path, str) or _is_remote(path) or Path(path).expanduser().exists():
+        if (
+            not isinstance(path, str)
+            or _is_remote(path)
+            or elsewhere(path)
+            or Path(path).expanduser().exists()
+        ):
             continue
         # A relative path whose first component exists, or an explicit ./ / ~ path, is clearly
         # meant to be local; anything else may be a hub id and is left to the loader.
@@ -600,7 +619,12 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
             problems.append(f"model.{key}: model folder not found: {path}")
     t: dict[str, Any] = raw["train"] if isinstance(raw.get("train"), dict) else {}
     ds = t.get("ds_config")
-    if isinstance(ds, str) and not _is_remote(ds) and ("\x00" in ds or not Path(ds).is_file()):
+    if (
+        isinstance(ds, str)
+        and not _is_remote(ds)
+        and not elsewhere(ds)
+        and ("\x00" in ds or not Path(ds).is_file())
+    ):
         problems.append(f"train.ds_config: file not found: {ds}")
 
     from data_pipeline.templates import validate_template
@@ -617,6 +641,7 @@ def resource_checks(raw: dict[str, Any]) -> list[str]:
         if (
             isinstance(path, str)
             and not _is_remote(path)
+            and not elsewhere(path)
             and ("\x00" in path or not glob.glob(os.path.expanduser(path)))
         ):
             problems.append(f"{key}.path: no file matches {path}")
@@ -700,15 +725,16 @@ def _format_validation_error(err: ValidationError) -> list[str]:
     return problems
 
 
-def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a raw dict; raise ConfigError listing every problem."""
+def from_dict(raw: dict[str, Any], source: str = "<config>", cluster_side: bool = False) -> Config:
+    """Validate a raw dict; raise ConfigError listing every problem (`cluster_side`: see
+    `resource_checks`)."""
     problems: list[str] = []
     cfg = None
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         problems += _format_validation_error(err)
-    problems += resource_checks(raw)
+    problems += resource_checks(raw, cluster_side)
     if cfg is not None:
         problems += cross_check(cfg)
     if problems or cfg is None:
@@ -722,11 +748,15 @@ def _problem_text(source: str, problems: list[str]) -> str:
     return f"invalid config {source} ({len(problems)} problem{plural}):\n{lines}"
 
 
-def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None, cluster_side: bool = False
+) -> Config:
     """Load a YAML config, apply dotted overrides, validate everything, resolve local paths.
 
     Relative paths are resolved against the current directory (where `ift` runs), so Ray
-    workers, whose working directory differs, see absolute paths.
+    workers, whose working directory differs, see absolute paths. `cluster_side`: the config
+    runs on a cluster (`ift submit`, `ift k8s`), whose shared volume this machine may not
+    mount (see `resource_checks`).
     """
     p = Path(path)
     if not p.is_file():
@@ -738,7 +768,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
-    return resolve_paths(from_dict(raw, str(path)))
+    return resolve_paths(from_dict(raw, str(path), cluster_side))
 
 
 def _abs(path: str) -> str:

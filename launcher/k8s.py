@@ -51,7 +51,7 @@ def render_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, li
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: top level must be a mapping of sections")
     # Paths stay as written (no resolve_paths): inside the pods they resolve against the image.
-    cfg = from_dict(apply_overrides(raw, list(overrides)), str(path))
+    cfg = from_dict(apply_overrides(raw, list(overrides)), str(path), cluster_side=True)
     return render(cfg, text, overrides, source=str(path))
 
 

@@ -59,7 +59,9 @@ def submit(
 
     Returns the process exit code: 0 when the job SUCCEEDED (or was submitted with no wait).
     """
-    cfg = load_config(config, overrides)  # every problem, before anything leaves this machine
+    # Every problem, before anything leaves this machine (paths on the cluster's volume are
+    # checked where the job runs).
+    cfg = load_config(config, overrides, cluster_side=True)
     check_shared_storage(config, overrides)
     cwd = Path.cwd()
     cfg_path = Path(config).resolve()

@@ -247,6 +247,8 @@ def train_worker(config: dict[str, Any]) -> None:
             if done % t.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (done - start) * (total - done)
+                # The driver's console reads this line (forwarded by Ray) for its progress
+                # bar: launcher/console.py's TRAIN_STEP pattern.
                 print(
                     f"[train] step {done}/{total} loss {last['train/loss']:.4f} lr {lr:.2e} "
                     f"grad_norm {last['train/grad_norm']:.3f} tok/s "
@@ -361,11 +363,17 @@ def model_flops_per_token(model_config: Any, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * hidden * seq_len
 
 
-# Dense peak FLOP/s per GPU by precision, for MFU. Unknown devices report no MFU.
+# Dense peak FLOP/s per GPU by precision (vendors' data sheets, no sparsity), for MFU and
+# `ift plan`'s time estimate; matched as a substring of the device name (`cluster.gpu_type` as
+# a prefix), first match wins: L40S before L4. Unknown devices report no MFU.
 PEAK_FLOPS = {
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},  # no bf16
 }
 
 
@@ -377,7 +385,7 @@ def peak_flops(precision: str) -> float | None:
     name = torch.cuda.get_device_name()
     for key, table in PEAK_FLOPS.items():
         if key in name:
-            return table[precision]
+            return table.get(precision)
     return None
 
 

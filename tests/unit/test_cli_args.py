@@ -33,3 +33,22 @@ def test_other_leftovers_are_still_errors(argv: list[str], capsys: pytest.Captur
         parse(argv)
     assert exit_.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_help_describes_every_command_and_every_flag() -> None:
+    import argparse
+
+    from launcher.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [
+        f"{name} {action.dest}"
+        for name, command in sub.choices.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert not undocumented, undocumented
+    assert all(command.description for command in sub.choices.values())
+    assert set(sub.choices) >= {"prepare", "train", "eval", "run", "plan", "score", "submit"}
+    assert {"jobs", "k8s"} <= set(sub.choices)

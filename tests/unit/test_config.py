@@ -155,6 +155,23 @@ def test_schema_and_cross_check_problems_are_reported_in_one_error() -> None:
         assert f"  - {key}: " in text, key
 
 
+def test_paths_on_the_cluster_volume_are_checked_only_where_the_run_happens() -> None:
+    raw = valid_raw(
+        model={"name_or_path": "/mnt/ift/models/Llama-3.1-8B"},
+        cluster={"storage_mount_path": "/mnt/ift"},
+    )
+    raw["data"]["sources"][0]["path"] = "/mnt/ift/data/train.jsonl"
+    text = problems_of(raw)  # `ift run` here: this machine must have them
+    assert "model.name_or_path: model folder not found" in text
+    assert "data.sources.0.path: no file matches" in text
+    cfg = from_dict(raw, cluster_side=True)  # `ift submit` / `ift k8s`: the volume's business
+    assert cfg.model.name_or_path == "/mnt/ift/models/Llama-3.1-8B"
+    raw["model"]["name_or_path"] = "/elsewhere/model"  # not on the volume: still an error
+    assert "model.name_or_path: model folder not found" in str(
+        pytest.raises(ConfigError, from_dict, raw, cluster_side=True).value
+    )
+
+
 def test_hub_style_model_id_is_not_checked_on_disk() -> None:
     # `org/name` whose first part is not a local folder looks like a hub id, not a typo'd path.
     from_dict(valid_raw(model={"name_or_path": "some-org/some-model"}))

@@ -482,3 +482,15 @@ def test_exemplar_picker_over_slices_equals_exemplar_rows() -> None:
             picker.add(rows, hi[rows], lo[rows], groups[rows])
         got = picker.result()
         assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+
+
+def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_tokenizer() -> None:
+    # transformers 5 turns a config-only folder into a tokenizer of special tokens alone, which
+    # would encode every record to nothing; prepare must say so instead.
+    from data_pipeline.errors import PrepareError
+    from data_pipeline.tokenizer import tokenizer_spec
+
+    folder = Path(__file__).resolve().parents[1] / "assets/models/configs/Qwen2.5-7B"
+    assert not (folder / "tokenizer.json").exists()
+    with pytest.raises(PrepareError, match="no tokenizer in this folder"):
+        tokenizer_spec(str(folder))
