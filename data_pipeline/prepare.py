@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from data_pipeline import fingerprint, split, storage
@@ -52,12 +52,17 @@ from data_pipeline.write import stale_tmp_dirs, write_dataset
 __all__ = ["PrepareError", "prepare", "read_manifest"]
 
 
-def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+def prepare(
+    cfg: Any,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
     """Prepare `cfg.data` into `cfg.data_dir`, or reuse a finished result with the same hash.
 
     Args:
         cfg: a validated `launcher.config.Config`.
         log: progress printer.
+        progress: called with (units done, units, "N records") as each unit finishes.
 
     Returns:
         The manifest (also written to `<data_dir>/manifest.json`); `reused` is True when an
@@ -121,6 +126,8 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     os.makedirs(os.path.join(tmp, SPILL), exist_ok=True)
     try:
         batches = run_units(units, worker_args, n_workers, cpus, start=start)
+        if progress is not None:
+            batches = _reporting(batches, len(units), start, progress)
         # The checkpoint period is a test hook: the fault test checkpoints every unit.
         every = float(os.environ.get("IFT_TEST_PREPARE_CHECKPOINT_S", CHECKPOINT_S))
         spilled = write_spill(batches, tmp, config_hash, checkpoint_s=every)
@@ -157,6 +164,23 @@ def prepare(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"{t_tok - t_spec:.1f}s, select/pack/write {time.perf_counter() - t0 - t_tok:.1f}s)"
     )
     return {**manifest, "reused": False}
+
+
+def _reporting(
+    batches: Iterator[tuple[int, Any]],
+    n_units: int,
+    start: int,
+    progress: Callable[[int, int, str], None],
+) -> Iterator[tuple[int, Any]]:
+    """`run_units`' output passed through unchanged, telling `progress` as each unit ends."""
+    done, records = start, 0
+    for head, table in batches:
+        if table is None:
+            done += 1
+            progress(done, n_units, f"{records:,} records")
+        else:
+            records += table.num_rows
+        yield head, table
 
 
 def _adopt_killed_run(staging: str, tmp: str, config_hash: str) -> int:

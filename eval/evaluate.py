@@ -75,6 +75,7 @@ def evaluate(
     role: str,
     log: Callable[[str], None] = print,
     bootstrap: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Generates and scores one model role on the test split, then rewrites the report.
 
@@ -85,6 +86,8 @@ def evaluate(
         log: Progress lines go here.
         bootstrap: Bootstrap resamples for confidence intervals (0: none); None reads
             `eval.bootstrap`.
+        progress: Called with (batches done, batches) as each batch comes back; without
+            it, `log` gets a line every tenth of the batches.
 
     Returns:
         {"metrics", "intervals", "predictions", "metrics_path", "report", "chart"}: scores,
@@ -202,7 +205,9 @@ def evaluate(
                 new_tokens += int(row["new_tokens"])
                 actors[str(row["actor"])] = actors.get(str(row["actor"]), 0) + 1
                 done += 1
-                if done % max(1, n_batches // 10) == 0 or done == n_batches:
+                if progress is not None:
+                    progress(done, n_batches)
+                elif done % max(1, n_batches // 10) == 0 or done == n_batches:
                     log(f"[eval {role}] {done}/{n_batches} batches")
             seconds = time.perf_counter() - t0
             missing = store.missing()

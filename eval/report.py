@@ -3,7 +3,9 @@
     <output_dir>/eval/report.md        metric | base | [base k-shot |] fine-tuned | delta
     <output_dir>/eval/comparison.png   grouped bars, one group per metric
 
-The k-shot column (role `base_fewshot`) appears when that role was evaluated; the delta is
+Under the tables, `report.md` shows the first `EXAMPLES_PER_TASK` test examples of each task:
+the prompt (shortened), the reference and every role's prediction, side by side. The k-shot
+column (role `base_fewshot`) appears when that role was evaluated; the delta is
 always fine-tuned minus zero-shot base.
 
 `build_markdown` and `bootstrap_by_task` are pure; `write_report` reads each role's
@@ -28,6 +30,9 @@ Interval = tuple[float, float]
 ROLE_TITLES = {"base": "base", "base_fewshot": "base k-shot", "finetuned": "fine-tuned"}
 REPORT_FILE = "report.md"
 CHART_FILE = "comparison.png"
+EXAMPLES_PER_TASK = 3
+# A prompt longer than this is shown as its start, " ... " and its end (the answer cue).
+PROMPT_HEAD, PROMPT_TAIL = 240, 60
 
 
 class StatsByTask:
@@ -160,8 +165,10 @@ def build_markdown(
     models: Mapping[str, str] | None = None,
     few_shot: int | None = None,
     rouge_split: Sequence[str] = (),
+    examples: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
 ) -> str:
-    """The report as Markdown: one table of task metrics, one of generation throughput.
+    """The report as Markdown: one table of task metrics, one of generation throughput, then
+    example predictions.
 
     Args:
         evals: Role (`base`, `finetuned`) -> metrics as in `metrics.json` (`<task>/<key>`
@@ -173,6 +180,8 @@ def build_markdown(
         few_shot: Exemplars per prompt of the `base_fewshot` role, shown with its model.
         rouge_split: Roles scored with `rouge_split_sentences` on: a note says their
             rougeLsum is not rouge-score's on the raw text.
+        examples: Task -> examples, each {"id", "prompt", "reference", <role>: prediction}
+            (`pick_examples`), shown side by side per task.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -227,7 +236,88 @@ def build_markdown(
             cells = " | ".join(_cell(evals.get(r, {}).get(k)) for r in roles)
             lines.append(f"| {k.removeprefix('eval/')} | {cells} |")
         lines.append("")
+    if examples:
+        lines += _examples_markdown(examples, [r for r in ROLE_TITLES if r in evals])
     return "\n".join(lines)
+
+
+def _examples_markdown(
+    examples: Mapping[str, Sequence[Mapping[str, str]]], roles: Sequence[str]
+) -> list[str]:
+    lines = ["## Examples", "", "The first test examples of each task, as each model answered."]
+    lines.append("")
+    for task, rows in examples.items():
+        lines += [f"### {task}", ""]
+        for row in rows:
+            lines += [f"`{row['id']}`", "", "| | |", "|---|---|"]
+            lines.append(f"| prompt | {_md_text(_shorten(row['prompt']))} |")
+            lines.append(f"| reference | {_md_text(row['reference'])} |")
+            for role in roles:
+                lines.append(f"| {ROLE_TITLES[role]} | {_md_text(row.get(role, '-'))} |")
+            lines.append("")
+    return lines
+
+
+def pick_examples(
+    eval_dir: str, roles: Sequence[str], tasks: Sequence[str], per_task: int = EXAMPLES_PER_TASK
+) -> dict[str, list[dict[str, str]]]:
+    """The first `per_task` test examples of each task with every role's prediction.
+
+    The first role's `predictions.jsonl` picks them (file order: the test split's) and each
+    other role's file is then searched for their ids; every file is read a chunk at a time and
+    only until what is needed was found, so memory holds just the chosen examples.
+
+    Returns:
+        Task -> [{"id", "prompt", "reference", <role>: prediction, ...}], tasks in `tasks`
+        order (a task without examples is left out).
+    """
+    files = {r: os.path.join(eval_dir, r, "predictions.jsonl") for r in roles}
+    roles = [r for r in roles if os.path.exists(files[r])]
+    if not roles:
+        return {}
+    chosen: dict[str, list[dict[str, str]]] = {t: [] for t in tasks}
+    by_id: dict[str, dict[str, str]] = {}
+
+    def full() -> bool:
+        return all(len(rows) >= per_task for rows in chosen.values())
+
+    for chunk in iter_predictions(files[roles[0]], 256):
+        for r in chunk:
+            rows = chosen.get(str(r["task"]))
+            if rows is not None and len(rows) < per_task:
+                ref = r["reference"]
+                row = {
+                    "id": str(r["id"]),
+                    "prompt": str(r["prompt"]),
+                    "reference": ref if isinstance(ref, str) else " | ".join(map(str, ref)),
+                    roles[0]: str(r["prediction"]),
+                }
+                rows.append(row)
+                by_id[row["id"]] = row
+        if full():
+            break
+    for role in roles[1:]:
+        missing = set(by_id)
+        for chunk in iter_predictions(files[role], 256):
+            for r in chunk:
+                if str(r["id"]) in missing:
+                    by_id[str(r["id"])][role] = str(r["prediction"])
+                    missing.discard(str(r["id"]))
+            if not missing:
+                break
+    return {t: rows for t, rows in chosen.items() if rows}
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= PROMPT_HEAD + PROMPT_TAIL + 5:
+        return text
+    return f"{text[:PROMPT_HEAD]} ... {text[-PROMPT_TAIL:]}"
+
+
+def _md_text(text: str) -> str:
+    """`text` as one Markdown table cell: pipes escaped, line breaks shown as `<br>`."""
+    text = text.replace("|", "\\|").replace("\r\n", "\n").strip("\n")
+    return text.replace("\n", "<br>") if text.strip() else "(empty)"
 
 
 def table_roles(evals: Mapping[str, Any]) -> list[str]:
@@ -318,6 +408,7 @@ def write_report(
         models={r: str(d.get("model", "")) for r, d in data.items()},
         few_shot=data.get("base_fewshot", {}).get("few_shot"),
         rouge_split=[r for r in data if used[r].get("rouge_split_sentences")],
+        examples=pick_examples(eval_dir, list(data), _task_names(data)),
     )
     report = os.path.join(eval_dir, REPORT_FILE)
     chart = os.path.join(eval_dir, CHART_FILE)
@@ -388,6 +479,11 @@ def _paired_delta_by_id(
     n, seed = int(settings["samples"]), int(settings["seed"])
     b, f = (s.bootstrap(n, seed) for s in stats)
     return intervals_of({k: f[k] - b[k] for k in b if k in f}, float(settings["confidence"]))
+
+
+def _task_names(data: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every role's tasks (from `metrics.json`), in first-seen order."""
+    return list(dict.fromkeys(t for d in data.values() for t in d.get("tasks", {})))
 
 
 def _refs(reference: str | list[str]) -> list[str]:

@@ -3,6 +3,10 @@
 Each stage is a child MLflow run (`mlflow.parentRunId`), so one `ift run` is one row in the
 MLflow UI with its stages under it, whatever the number of Ray workers or nodes: only this
 driver and rank 0 of training ever log.
+
+The console (launcher/console.py) gets a few lines and one progress bar per stage (a line
+every few seconds when it is not a terminal), then the results table and where the outputs
+are. Ray's, MLflow's and the libraries' own output goes to `<output_dir>/logs/ift.log`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from data_pipeline import storage
+from launcher import console
 from launcher.config import Config, mask_text
 from launcher.tracking import Tracker
+
+LOG_FILE = "ift.log"
 
 
 def log(msg: str) -> None:
@@ -28,8 +37,43 @@ def run_pipeline(
     """Run `stages` of the experiment; returns {"manifest", "train", "eval": {role: metrics}}."""
     t0 = time.perf_counter()
     tracker = Tracker(cfg)
-    tracker.check_reachable()
-    ensure_ray(cfg)
+    tracker.check_reachable()  # before the console takes stdout: its warning is for the user
+    path = log_path(cfg)
+    with console.session(path) as con:
+        con.line(f"ift {command} {config_path}".rstrip() + f"  (full log: {path})")
+        started_ray = False
+        workers = console.WorkerLines(con)
+        unsubscribe = console.on_worker_lines(workers)
+        try:
+            started_ray = ensure_ray(cfg)
+            result = _run_stages(cfg, stages, command, config_path, tracker, con, workers)
+        except BaseException:
+            elapsed = console.fmt_seconds(time.perf_counter() - t0)
+            con.line(f"== failed after {elapsed}; full log: {path}")
+            raise
+        finally:
+            workers.drain()
+            unsubscribe()
+            if started_ray:  # while the log still takes Ray's output: its last lines go there
+                import ray
+
+                ray.shutdown()
+        if result["eval"]:
+            print_table(result["eval"], write=con.line)
+        con.line(f"== done in {console.fmt_seconds(time.perf_counter() - t0)}")
+        con.line(where(cfg, path, tracker.enabled, bool(result["eval"])))
+    return result
+
+
+def _run_stages(
+    cfg: Config,
+    stages: tuple[str, ...],
+    command: str,
+    config_path: str,
+    tracker: Tracker,
+    con: console.Console,
+    workers: console.WorkerLines,
+) -> dict[str, Any]:
     from data_pipeline.prepare import prepare, read_manifest
 
     result: dict[str, Any] = {"eval": {}}
@@ -37,40 +81,84 @@ def run_pipeline(
         manifest = read_manifest(cfg.data_dir) if "prepare" not in stages else None
         if manifest is None:
             with tracker.stage("prepare") as run:
-                log(f"== prepare -> {cfg.data_dir}")
-                manifest = prepare(cfg, log=log)
+                con.line(f"== prepare -> {cfg.data_dir}")
+                bar = console.progress_callback(con, "[prepare]", "units")
+                manifest = prepare(cfg, log=con.line, progress=bar)
+                _close(con)
                 tracker.log_prepare(run, manifest, cfg.data_dir)
         result["manifest"] = manifest
         if "train" in stages:
             from training.train import train
 
             with tracker.stage("train") as run:
-                log(f"== train -> {cfg.experiment.output_dir}")
-                summary = train(cfg, manifest, tracking=tracker.worker_target(run), log=log)
-                tracker.log_train(run, summary, cfg, manifest)
+                con.line(f"== train -> {cfg.experiment.output_dir}")
+                # Rank 0's step lines reach this driver through Ray's log forwarding.
+                workers.steps = True
+                try:
+                    summary = train(
+                        cfg, manifest, tracking=tracker.worker_target(run), log=con.line
+                    )
+                    _train_done(con, summary)
+                    tracker.log_train(run, summary, cfg, manifest)
+                finally:
+                    workers.steps = False
+                    _close(con)
                 result["train"] = summary
         if "eval" in stages:
             from eval.evaluate import evaluate
 
             for role in cfg.eval.models:
                 with tracker.stage(f"eval-{role}") as run:
-                    log(f"== eval {role}")
-                    out = evaluate(cfg, manifest, role, log=log)
+                    con.line(f"== eval {role}")
+                    bar = console.progress_callback(con, f"[eval {role}]", "batches")
+                    out = evaluate(cfg, manifest, role, log=con.line, progress=bar)
+                    _close(con)
                     tracker.log_eval(run, out)
                     result["eval"][role] = out["metrics"]
             if result["eval"]:
                 tracker.log_comparison(result["eval"])
-    if result["eval"]:
-        print_table(result["eval"])
-    log(f"== done in {time.perf_counter() - t0:.0f}s. Outputs: {cfg.experiment.output_dir}")
-    if cfg.tracking.enabled:
+    return result
+
+
+def _train_done(con: console.Console, summary: dict[str, Any]) -> None:
+    """The bar's last state from the run's final metrics: rank 0's last step line may still
+    be on its way (or the run was reused, and there is no bar)."""
+    if con.bar is None or "train/steps" not in summary:
+        return
+    steps = int(summary["train/steps"])
+    if con.bar.done >= steps:
+        return
+    status = f"loss {summary.get('train/loss', float('nan')):.4f}"
+    if "val/loss" in summary:
+        status += f"  val loss {summary['val/loss']:.4f}"
+    console.advance(con, console.TRAIN_LABEL, "steps", steps, steps, status)
+
+
+def _close(con: console.Console) -> None:
+    if con.bar is not None:
+        con.bar.close()
+
+
+def log_path(cfg: Config) -> str:
+    """`<output_dir>/logs/ift.log`; for an output folder on an object store, a local folder
+    named after it (a log is appended line by line, which an object store cannot do)."""
+    folder = storage.staging_dir(storage.join(cfg.experiment.output_dir, "logs"))
+    return os.path.join(folder, LOG_FILE)
+
+
+def where(cfg: Config, log_file: str, tracking: bool, evaluated: bool) -> str:
+    """The closing lines: where the outputs, the log and the MLflow runs are."""
+    out = cfg.experiment.output_dir
+    lines = [f"   outputs: {out}"]
+    if evaluated:
+        lines[0] += f"  (eval report: {storage.join(out, 'eval', 'report.md')})"
+    lines.append(f"   log:     {log_file}")
+    if tracking:
         uri = mask_text(cfg.tracking.tracking_uri)
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-        log(
-            f"   MLflow: experiment '{cfg.tracking.experiment_name}' at {uri}\n"
-            f"   to browse it: {ui}   (then http://127.0.0.1:5000)"
-        )
-    return result
+        lines.append(f"   MLflow:  experiment '{cfg.tracking.experiment_name}' at {uri}")
+        lines.append(f"            to browse it: {ui}   (then http://127.0.0.1:5000)")
+    return "\n".join(lines)
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -89,8 +177,9 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join `cluster.address`, or start a local Ray with no dashboard.
+def ensure_ray(cfg: Config) -> bool:
+    """Join `cluster.address`, or start a local Ray with no dashboard; True when this call
+    connected (False: Ray was initialized already).
 
     Ray 2.60 has no loopback-only mode (it swaps 127.0.0.1 for the host IP and its gRPC servers
     listen on all interfaces): its token authentication and the host firewall guard the ports.
@@ -98,17 +187,17 @@ def ensure_ray(cfg: Config) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     # Set before Ray starts so every local worker inherits them (`ift submit` ships the same
     # through the job's runtime_env, for workers on other nodes).
     for key, value in worker_env(cfg.train.use_gpu).items():
         os.environ.setdefault(key, value)
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
-        return
+        return True
     if os.environ.get("RAY_ADDRESS"):  # inside a Ray job (`ift submit`): join its cluster
         ray.init(logging_level=logging.WARNING)
-        return
+        return True
     ray.init(
         address="local",  # a new local Ray, never one `ray start` left running on this host
         num_cpus=cfg.cluster.num_cpus,
@@ -117,11 +206,12 @@ def ensure_ray(cfg: Config) -> None:
         configure_logging=True,
         _node_ip_address="127.0.0.1",
     )
+    return True
 
 
-def print_table(evals: dict[str, dict[str, float]]) -> None:
+def print_table(evals: dict[str, dict[str, float]], write: Callable[[str], None] = log) -> None:
     """metric | base | [base k-shot |] fine-tuned | delta (fine-tuned - base), for every task
-    metric any model reported."""
+    metric any model reported, given to `write` as one text between blank lines."""
     from eval.report import ROLE_TITLES, table_roles
 
     names = sorted({k for m in evals.values() for k in m if not k.startswith("eval/")})
@@ -145,7 +235,7 @@ def print_table(evals: dict[str, dict[str, float]]) -> None:
         for r in rows
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    print("\n" + "\n".join(lines) + "\n", flush=True)
+    write("\n" + "\n".join(lines) + "\n")
     sys.stdout.flush()
 
 

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from eval import metrics as M
-from eval.report import bootstrap_by_task, build_markdown, plot_comparison, write_report
+from eval.report import (
+    bootstrap_by_task,
+    build_markdown,
+    pick_examples,
+    plot_comparison,
+    write_report,
+)
 
 EVALS = {
     "base": {"sst2/accuracy": 50.0, "wmt/bleu": 1.25, "eval/examples_per_s": 10.0},
@@ -259,3 +265,72 @@ def test_paired_delta_streams_files_in_the_same_order(tmp_path: Path) -> None:
     want = M.percentile_interval(b["sst2/accuracy"] - a["sst2/accuracy"], 0.9)
     assert got["sst2/accuracy"] == want
     assert want[0] > 0  # fine-tuned is clearly better here: a real, non-zero interval
+
+
+# --- example predictions side by side ----------------------------------------------------------
+
+
+def test_report_shows_the_first_examples_of_each_task_side_by_side(tmp_path: Path) -> None:
+    """Three examples per task, in test-split order, with the reference and each role's
+    prediction; the fine-tuned file in another order is matched on id; a long prompt is cut
+    to its start and end; pipes and line breaks cannot break the table."""
+    article = "Article:\n" + "word " * 200 + "\n\nSummary:\n"
+    rows = [
+        {
+            "id": f"s{i}",
+            "task": "sst2",
+            "prompt": f"Review: r{i}\nSentiment:",
+            "reference": "positive",
+        }
+        for i in range(5)
+    ] + [
+        {"id": f"c{i}", "task": "cnn", "prompt": article, "reference": [f"ref {i}", "other"]}
+        for i in range(4)
+    ]
+    for role in ("base", "finetuned"):
+        (tmp_path / role).mkdir()
+        preds = [{**r, "prediction": f"{role} says | {r['id']}\nmore"} for r in rows]
+        if role == "finetuned":
+            preds = preds[::-1]
+        (tmp_path / role / "predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in preds)
+        )
+        (tmp_path / role / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "role": role,
+                    "metrics": {"sst2/accuracy": 50.0, "cnn/rouge1": 10.0},
+                    "tasks": {"sst2": ["accuracy"], "cnn": ["rouge"]},
+                }
+            )
+        )
+
+    picked = pick_examples(str(tmp_path), ["base", "finetuned"], ["sst2", "cnn"])
+    assert [[r["id"] for r in rows] for rows in picked.values()] == [
+        ["s0", "s1", "s2"],
+        ["c0", "c1", "c2"],
+    ]
+    assert picked["cnn"][1] == {
+        "id": "c1",
+        "prompt": article,
+        "reference": "ref 1 | other",
+        "base": "base says | c1\nmore",
+        "finetuned": "finetuned says | c1\nmore",
+    }
+
+    write_report(str(tmp_path), ["base", "finetuned"])
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## Examples\n", 1)[1]
+    assert section.index("### sst2") < section.index("### cnn")
+    assert "| base | base says \\| s0<br>more |" in section
+    assert "| fine-tuned | finetuned says \\| s0<br>more |" in section
+    assert "| reference | positive |" in section
+    assert "| prompt | Review: r1<br>Sentiment: |" in section
+    assert "`s3`" not in section and "`c3`" not in section
+    prompt = next(line for line in section.splitlines() if line.startswith("| prompt | Article"))
+    assert " ... " in prompt and prompt.endswith("word <br><br>Summary: |")
+    assert len(prompt) < 400
+
+
+def test_pick_examples_without_predictions_files(tmp_path: Path) -> None:
+    assert pick_examples(str(tmp_path), ["base"], ["sst2"]) == {}
