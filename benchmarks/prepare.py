@@ -16,8 +16,13 @@ the denominators of the scale ratios); each run's figure is kept in `measurement
   worker processes import ift and build the tokenizer, the driver imports transformers); the
   steady-state time is the median of the later runs (workers warm).
 * scale: the same at each of `--scales` (1x, 10x, 100x = 6.16M records): the inputs repeated,
-  copy k of each record given a " (k)" suffix on its text so that dedupe keeps it (the 100x
-  input is ~300 MB: written once per run into a temp folder and deleted at the end).
+  copy k of each record given a " (k)" suffix on its text so that dedupe keeps it, copy 0
+  included, so that a record carries the same number of tokens at every scale (the suffix
+  adds 3 GPT-2 tokens to an SST-2 record's ~19: without it on copy 0 the 1x input had ~15%
+  less work per record than the 10x and 100x ones, which the time ratios counted as growth).
+  The scale ratios divide by this suffixed 1x; the comparisons with the baselines use the
+  real files (the 100x input is ~300 MB: written once per run into a temp folder and deleted
+  at the end). `tokens_per_record` per scale shows the work per record is the same.
   Peak memory (RSS of the driver and of the Ray workers, and its anonymous part, sampled every
   20 ms) comes from one more run per scale of its own, as the sampler takes CPU.
 * datasets.map: `load_dataset` of the same files, then `map(batched=True, num_proc=2)` doing
@@ -105,8 +110,8 @@ def main() -> int:
         print(f"datasets.map {[round(t, 2) for t, _ in hf]} s", flush=True)
 
         # The scaled inputs are written before Ray starts, so writing them competes with nothing.
-        inputs = {1: (sst2, alpaca)}
-        for scale in args.scales[1:]:
+        inputs = {}
+        for scale in args.scales:
             t0 = time.perf_counter()
             inputs[scale] = scaled_inputs(work, sst2, alpaca, scale)
             size = sum(p.stat().st_size for p in inputs[scale]) / MIB
@@ -124,6 +129,8 @@ def main() -> int:
         t_ray = time.perf_counter() - t0
         t_cold, _ = run_ift(sst2, alpaca, work / "ift")
         print(f"ift cold {t_cold:.2f} s (ray.init {t_ray:.1f} s)", flush=True)
+        real = [run_ift(sst2, alpaca, work / "ift") for _ in range(args.repeat_x1)]
+        print(f"ift on the real files {[round(t, 2) for t, _ in real]} s", flush=True)
         scales: dict[int, dict[str, Any]] = {}
         for scale in args.scales:
             repeat = args.repeat_x1 if scale == 1 else args.repeat
@@ -148,7 +155,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = report(args, records, t_ray, t_cold, scales, ceiling, hf, trl)
+    result = report(args, records, t_ray, t_cold, real, scales, ceiling, hf, trl)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
@@ -460,7 +467,7 @@ def base_inputs(folder: Path, records: int | None) -> tuple[Path, Path]:
     if records is None:
         return SST2, ALPACA
     lines = gzip.decompress(SST2.read_bytes()).decode().splitlines(keepends=True)
-    sst2 = folder / "sst2_x1.tsv.gz"
+    sst2 = folder / f"sst2_first{records}.tsv.gz"
     with gzip.open(sst2, "wt") as f:
         f.writelines(lines[: records + 1])
     return sst2, ALPACA
@@ -483,22 +490,21 @@ def scaled_inputs(
     folder: Path, sst2_path: Path, alpaca_path: Path, scale: int
 ) -> tuple[Path, Path]:
     """The inputs repeated `scale` times, copy k of each record's text given a " (k)" suffix
-    (none on copy 0) so that dedupe keeps it."""
+    so that dedupe keeps it; copy 0 too, so that a record's tokens are the same at any scale."""
     lines = gzip.decompress(sst2_path.read_bytes()).decode().splitlines(keepends=True)
     header, body = lines[0], lines[1:]
     rows = [line.rstrip("\n").rsplit("\t", 1) for line in body]
     sst2 = folder / f"sst2_x{scale}.tsv.gz"
     with gzip.open(sst2, "wt", compresslevel=6) as f:
         f.write(header)
-        f.writelines(body)
-        for k in range(1, scale):
+        for k in range(scale):
             f.write("".join(f"{sentence} ({k})\t{label}\n" for sentence, label in rows))
     records = json.loads(alpaca_path.read_text())
     alpaca = folder / f"alpaca_x{scale}.json"
     alpaca.write_text(
         json.dumps(
             [
-                {**r, "instruction": f"{r['instruction']} ({k})" if k else r["instruction"]}
+                {**r, "instruction": f"{r['instruction']} ({k})"}
                 for k in range(scale)
                 for r in records
             ]
@@ -515,17 +521,20 @@ def report(
     records: int,
     t_ray: float,
     t_cold: float,
+    real: list[tuple[float, dict[str, Any]]],
     scales: dict[int, dict[str, Any]],
     ceiling: list[tuple[float, int]],
     hf: list[tuple[float, int]],
     trl: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON: every run's figure under `measurements`, medians compared under `ratios`."""
-    one = scales[1]
-    t_ift = statistics.median(one["runs_s"])
+    """The JSON: every run's figure under `measurements`, medians compared under `ratios`.
+
+    `real` (the real files at 1x) is compared with the baselines; `scales` (the suffixed
+    inputs, 1x included) with each other."""
+    t_ift = statistics.median(t for t, _ in real)
     t_ceiling = statistics.median(t for t, _ in ceiling)
     t_datasets = statistics.median(t for t, _ in hf)
-    manifest = one["manifest"]
+    manifest = real[-1][1]
     splits = manifest["splits"]
     measurements: dict[str, Any] = {
         "records": records,
@@ -537,24 +546,28 @@ def report(
         "ift_duplicates": manifest.get("duplicates"),
         "ray_init_s": round(t_ray, 3),
         "ift_cold_s": round(t_cold, 3),
-        "ift_runs_s": [round(t, 3) for t in one["runs_s"]],
+        "ift_runs_s": [round(t, 3) for t, _ in real],
         "ift_s": round(t_ift, 3),
         "ift_records_per_s": round(records / t_ift, 1),
         "packing_efficiency_ift_512": round(splits["train"]["packing_efficiency"], 5),
         "packing_efficiency_trl_512": round(trl["packing_efficiency"], 5),
     }
     for scale, run in scales.items():
+        # The 1x of the scale series (suffixed input) keeps the unprefixed memory keys.
         prefix = "" if scale == 1 else f"x{scale}_"
-        if scale != 1:
-            big_splits = run["manifest"]["splits"]
-            measurements[f"{prefix}records"] = records * scale
-            measurements[f"{prefix}input_mib"] = round(run["input_mib"], 1)
-            measurements[f"{prefix}ift_runs_s"] = [round(t, 3) for t in run["runs_s"]]
-            measurements[f"{prefix}ift_s"] = round(statistics.median(run["runs_s"]), 3)
-            measurements[f"{prefix}ift_examples"] = sum(s["examples"] for s in big_splits.values())
-            measurements[f"{prefix}packing_efficiency_ift_512"] = round(
-                big_splits["train"]["packing_efficiency"], 5
-            )
+        big_splits = run["manifest"]["splits"]
+        series = f"x{scale}_"
+        measurements[f"{series}records"] = records * scale
+        measurements[f"{series}input_mib"] = round(run["input_mib"], 1)
+        measurements[f"{series}ift_runs_s"] = [round(t, 3) for t in run["runs_s"]]
+        measurements[f"{series}ift_s"] = round(statistics.median(run["runs_s"]), 3)
+        measurements[f"{series}ift_examples"] = sum(s["examples"] for s in big_splits.values())
+        measurements[f"{series}tokens_per_record"] = round(
+            sum(s["tokens"] for s in big_splits.values()) / (records * scale), 3
+        )
+        measurements[f"{series}packing_efficiency_ift_512"] = round(
+            big_splits["train"]["packing_efficiency"], 5
+        )
         for part in ("driver", "workers", "total"):
             measurements[f"{prefix}peak_rss_{part}_mib"] = round(getattr(run["rss"], part) / MIB, 1)
             anon = getattr(run["rss"], f"{part}_anon")
@@ -581,11 +594,15 @@ def report(
         "ratio_vs_ceiling": round(t_ceiling / t_ift, 3),
         "ratio_cold_vs_datasets_map": round(t_datasets / t_cold, 3),
     }
-    rss_1x = one["rss"]
+    rss_1x = scales[1]["rss"]
+    t_1x = statistics.median(scales[1]["runs_s"])
     for scale, run in scales.items():
         if scale == 1:
             continue
-        ratios[f"time_x{scale}_over_x1"] = round(statistics.median(run["runs_s"]) / t_ift, 3)
+        t_scale = statistics.median(run["runs_s"])
+        ratios[f"time_x{scale}_over_x1"] = round(t_scale / t_1x, 3)
+        # Against the real files' 1x, which has ~15% fewer tokens per record (for the record).
+        measurements[f"time_x{scale}_over_real_x1"] = round(t_scale / t_ift, 3)
         for name, part in (("anon_driver", "driver_anon"), ("anon_total", "total_anon")):
             ratios[f"peak_rss_{name}_x{scale}_over_x1"] = round(
                 getattr(run["rss"], part) / getattr(rss_1x, part), 3
