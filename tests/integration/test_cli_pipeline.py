@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,14 @@ ASSETS = ROOT / "tests" / "assets"
 PINNED_LOSSES = [5.24303, 4.21762, 3.5598, 2.75278, 2.15047, 2.39841]
 # Equal within float reassociation across ZeRO stages, gloo reductions and CPUs.
 RTOL = 2e-3
+# What `ift run` may print when piped (issue 15: the quickstart prints at most 60 lines after
+# the install), and lines that belong in the log file, never on the console.
+MAX_LINES = 60
+INTERNALS = re.compile(
+    r"core_worker|raylet|INFO mlflow|Failed to query|FutureWarning|UserWarning|\x1b\[|"
+    r"\(RayTrainWorker|\(TrainController|\(pid=|Checkpoint successfully|deepspeed",
+    re.IGNORECASE,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +186,47 @@ def test_run_pins_losses_and_logs_pipeline(workdir: Path, zero2_run) -> None:
     model_dir = workdir / "runs" / "model"
     AutoModelForCausalLM.from_pretrained(model_dir)
     AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_console_is_short_ends_with_the_table_and_logs_the_chatter(
+    workdir: Path, zero2_run
+) -> None:
+    """The same run, piped as CI and `make run | tee` see it: a few lines per stage, none from
+    Ray's, MLflow's or the libraries' internals, ending with the results table and where the
+    outputs are; the chatter is in the log file."""
+    _, proc = zero2_run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= MAX_LINES, "\n".join(lines)
+    leaked = [line for line in lines if INTERNALS.search(line)]
+    assert not leaked, "\n".join(leaked)
+    text = proc.stdout
+    for stage in ("== prepare", "== train", "== eval base", "== eval finetuned"):
+        assert stage in text
+    # Each stage's progress as plain lines (its bar's last state).
+    assert re.search(r"^\[prepare\] (\d+)/\1 units  [\d,]+ records$", text, re.MULTILINE)
+    assert re.search(r"^\[train\] 6/6 steps  loss [\d.]+", text, re.MULTILINE)
+    assert re.search(r"^\[eval finetuned\] (\d+)/\1 batches$", text, re.MULTILINE)
+
+    out = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("metric "))
+    assert [c.strip() for c in out[header].split("|")] == ["metric", "base", "fine-tuned", "delta"]
+    rows = out[header + 2 :]
+    table = rows[: rows.index("")]
+    assert {line.split("/")[0] for line in table} == {"sst2", "wmt"}
+    tail = rows[len(table) :]
+    assert tail[0] == "" and tail[1].startswith("== done in ")
+    assert tail[2].startswith(f"   outputs: {workdir / 'runs'}")
+    assert tail[3] == f"   log:     {workdir / 'runs' / 'logs' / 'ift.log'}"
+    assert tail[4].startswith("   MLflow:  experiment 'tiny' at sqlite:///")
+    assert tail[5].strip().startswith("to browse it: mlflow ui")
+    assert len(tail) == 6
+
+    log = (workdir / "runs" / "logs" / "ift.log").read_text()
+    assert "mlflow" in log and "RayTrainWorker" in log  # the libraries' and Ray's output...
+    assert "ift | == train" in log and "ift | == done in" in log  # ...and the console's
+    # Ray's worker prefixes without colour codes (its "[repeated Nx across cluster]" note is
+    # always green: Ray 2.60 colours it unconditionally).
+    assert "(RayTrainWorker" in log and not re.search(r"\x1b\[[\d;]*m\(", log)
 
 
 def test_rerun_reuses_every_stage(workdir: Path, zero2_run) -> None:

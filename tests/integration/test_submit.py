@@ -61,7 +61,8 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(
     proc = ift(["submit", "tiny.yaml", "--address", ray_cluster.address], cwd=work)
     assert proc.returncode == 0
     assert "SUCCEEDED" in proc.stdout
-    assert "[train] step 2/2" in proc.stdout  # the job's logs were followed
+    # The job's logs were followed: its console's last line of the train stage.
+    assert "[train] 2/2 steps" in proc.stdout
     con = sqlite3.connect(tmp_path / "mlflow.db")
     names = {n for (n,) in con.execute("select name from runs")}
     assert {"tiny-run", "prepare", "train", "eval-finetuned"} <= names
@@ -85,7 +86,7 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(
     listed = ift(["jobs", "list", "--address", ray_cluster.address], cwd=work)
     assert listed.returncode == 0 and f"{job_id}\tSUCCEEDED\t" in listed.stdout
     logs = ift(["jobs", "logs", job_id, "--address", ray_cluster.address], cwd=work)
-    assert "[train] step 2/2" in logs.stdout
+    assert "[train] 2/2 steps" in logs.stdout
 
 
 def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(
@@ -125,7 +126,7 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(
 
     second = ift(submit, cwd=work)
     assert second.returncode == 0
-    assert "SUCCEEDED" in second.stdout and f"[train] step {steps}/{steps}" in second.stdout
+    assert "SUCCEEDED" in second.stdout and f"[train] {steps}/{steps} steps" in second.stdout
     resumed = re.search(r"\[train\] resumed from step (\d+)", second.stdout)
     assert resumed, "the resubmitted job started from scratch"
     start = int(resumed.group(1))
