@@ -240,3 +240,47 @@ def test_recipe_renders_for_kuberay(path: Path) -> None:
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == gpus
     assert pod["nodeSelector"] == cfg.cluster.node_selector
     assert f"ift {cfg.cluster.stage} /etc/ift/config.yaml" in job["spec"]["entrypoint"]
+
+
+FULL_RECIPES = [p for p in GPU_RECIPES if "-full-" in p.name]
+
+
+@pytest.mark.parametrize("path", FULL_RECIPES, ids=[p.stem for p in FULL_RECIPES])
+def test_full_recipe_plan_equals_deepspeeds_estimator(path: Path) -> None:
+    """`ift plan`'s model states per GPU (and host memory for offload) of each full-parameter
+    recipe equal DeepSpeed's own cold estimators for its stage, offload and cluster shape, on
+    the published architecture built on the meta device."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.plan import build_plan
+
+    cfg = load(path)
+    t = cfg.train
+    plan = build_plan(cfg, with_data=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path))
+    # As DeepSpeed's `model_to_params` counts (tied weights once), but by identity: it dedupes
+    # by `data_ptr()`, which is 0 for every tensor on the meta device.
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert total == plan.parameters
+    shape = {"num_gpus_per_node": plan.ranks_per_node, "num_nodes": plan.nodes}
+    if t.zero_stage == 3:
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total,
+            largest,
+            cpu_offload=t.offload_optimizer,
+            cpu_offload_params=t.offload_params,
+            **shape,
+        )
+    else:
+        assert t.zero_stage == 2, path.name
+        host, gpu = estimate_zero2_model_states_mem_needs(
+            total, cpu_offload=t.offload_optimizer, **shape
+        )
+    assert plan.memory is not None
+    states = sum(plan.memory[k] for k in ("params", "grads", "optimizer", "gathered"))
+    assert (states, plan.memory["host"]) == (gpu, host)
