@@ -7,6 +7,7 @@ training, given the train run's id). With `tracking.enabled: false` every method
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,9 @@ from typing import Any
 import launcher
 from data_pipeline import storage
 from launcher.config import Config, ConfigError, flatten, mask_text, redact_secrets, to_yaml
+
+# Predictions shown as an MLflow table per eval run (the UI pages through a few hundred).
+TABLE_ROWS = 1000
 
 
 class RegistrationError(RuntimeError):
@@ -225,11 +229,18 @@ class Tracker:
         mlflow.log_metrics({k: float(v) for k, v in out["metrics"].items()})
         mlflow.log_artifact(out["predictions"])
         mlflow.log_artifact(out["metrics_path"])
-        # The predictions as an MLflow table: browsable and comparable across runs in the UI.
+        # The first TABLE_ROWS predictions as an MLflow table, browsable and comparable across
+        # runs in the UI; all of them are in the artifact above. Read line by line: a test
+        # split of millions must not sit in the driver's memory.
+        columns: dict[str, list[str]] = {}
         with open(out["predictions"], encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if rows:
-            columns = {k: [str(r.get(k, "")) for r in rows] for k in rows[0]}
+            for line in itertools.islice(filter(str.strip, f), TABLE_ROWS):
+                row = json.loads(line)
+                if not columns:
+                    columns = {k: [] for k in row}
+                for k, values in columns.items():
+                    values.append(str(row.get(k, "")))
+        if columns:
             mlflow.log_table(data=columns, artifact_file="predictions_table.json")
 
     def log_comparison(self, evals: dict[str, dict[str, float]]) -> None:
