@@ -41,11 +41,11 @@ from typing import Any
 
 from data_pipeline import fingerprint, split, storage
 from data_pipeline.errors import PrepareError
-from data_pipeline.inputs import expand, plan_units
+from data_pipeline.inputs import GZIP_RATIO, expand, plan_units
 from data_pipeline.manifest import MANIFEST, REJECTS, read_manifest
 from data_pipeline.schedule import run_units
 from data_pipeline.selection import select_rows
-from data_pipeline.spill import CHECKPOINT_S, SPILL, resume_point, write_spill
+from data_pipeline.spill import CHECKPOINT_S, SPILL, bucket_count, resume_point, write_spill
 from data_pipeline.tokenizer import tokenizer_spec
 from data_pipeline.write import stale_tmp_dirs, write_dataset
 
@@ -130,7 +130,9 @@ def prepare(
             batches = _reporting(batches, len(units), start, progress)
         # The checkpoint period is a test hook: the fault test checkpoints every unit.
         every = float(os.environ.get("IFT_TEST_PREPARE_CHECKPOINT_S", CHECKPOINT_S))
-        spilled = write_spill(batches, tmp, config_hash, checkpoint_s=every)
+        spilled = write_spill(
+            batches, tmp, config_hash, bucket_count(_input_bytes(inputs)), checkpoint_s=every
+        )
         # Line numbers only identify a record within its file: name the file when there are several.
         spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
         spilled["chat_template"] = "tokenizer" if spec["chat_template"] else "default"
@@ -198,6 +200,14 @@ def _adopt_killed_run(staging: str, tmp: str, config_hash: str) -> int:
     for path in stale_tmp_dirs(staging):
         shutil.rmtree(path, ignore_errors=True)
     return start
+
+
+def _input_bytes(inputs: list[dict[str, Any]]) -> int:
+    """The inputs' size, decompressed (as `plan_units` estimates a .gz file's)."""
+    return sum(
+        i["size"] * (GZIP_RATIO if i["path"].partition("?")[0].endswith(".gz") else 1)
+        for i in inputs
+    )
 
 
 def _fmt_reject(r: dict[str, Any]) -> str:

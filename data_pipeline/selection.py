@@ -22,7 +22,7 @@ import numpy as np
 
 from data_pipeline import mix, split
 from data_pipeline.errors import PrepareError
-from data_pipeline.spill import N_BUCKETS, SLICE_ROWS, KeyBuckets, row_slices
+from data_pipeline.spill import SLICE_ROWS, KeyBuckets, row_slices
 
 # Why a row was dropped (its byte in drops.bin); 0 keeps it.
 KEPT, DUPLICATE, CAPPED, OVERLAP = 0, 1, 2, 3
@@ -49,8 +49,8 @@ def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, Any]]
         return drops_path, stats
     drops = np.memmap(drops_path, np.uint8, "r+", shape=(n,))
     if cfg.data.dedupe:
-        content = KeyBuckets(spilled["ck"])
-        for b in range(N_BUCKETS):
+        content = KeyBuckets(spilled["ck"], spilled["buckets"])
+        for b in range(content.n):
             keys = content.read(b)
             dup = np.ones(len(keys), bool)
             dup[first_occurrences(keys["hi"], keys["lo"])] = False
@@ -62,8 +62,8 @@ def select_rows(cfg: Any, spilled: dict[str, Any]) -> tuple[str, dict[str, Any]]
     # A prompt lands in one split by its hash, but a source pinned to a split can still bring
     # a prompt that another source put elsewhere: test wins over validation over train.
     drops = np.memmap(drops_path, np.uint8, "r+", shape=(n,))
-    prompts = KeyBuckets(spilled["pk"])
-    for b in range(N_BUCKETS):
+    prompts = KeyBuckets(spilled["pk"], spilled["buckets"])
+    for b in range(prompts.n):
         keys = prompts.read(b)
         keep = drops[keys["row"]] == KEPT
         for later in ("test", "validation"):

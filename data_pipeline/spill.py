@@ -12,8 +12,10 @@ record in memory:
   dedupe and the prompt-overlap check read one bucket at a time (datatrove's hash-range
   buckets; Megatron's memory-mapped indices).
 
-Memory: a bucket holds about 1/N_BUCKETS of the keys (24k rows at 6M records), a slice of
-`rows.bin` SLICE_ROWS rows, the spill one record batch; none of it grows with the input.
+Memory: a bucket holds about 1/MAX_BUCKETS of the keys at scale (24k rows at 6M records), a
+slice of `rows.bin` SLICE_ROWS rows, the spill one record batch; none of it grows with the
+input. Smaller inputs get fewer buckets (`bucket_count`): each is a file, and creating 512 of
+them cost a 61k-record prepare ~0.3 s of the driver's CPU while the workers needed it.
 """
 
 from __future__ import annotations
@@ -54,16 +56,26 @@ SPILL_COLUMNS = [
 ROW_META = np.dtype([("split", "i1"), ("source", "<i4")])
 # A key with the row it belongs to (index in input order) and that row's split code.
 KEY_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8"), ("split", "i1")])
-N_BUCKETS = 256
-_BUCKET_SHIFT = np.uint64(56)  # the top 8 bits of a key pick its bucket
+MAX_BUCKETS = 256
+# Below this much input per bucket, fewer buckets (a power of two, down to 1).
+BUCKET_INPUT_BYTES = 1 << 20
 # Rows of rows.bin / drops.bin handled at a time by the passes over them.
 SLICE_ROWS = 1 << 15
+
+
+def bucket_count(input_bytes: int) -> int:
+    """How many KeyBuckets a prepare of `input_bytes` of (decompressed) input uses: a power of
+    two, one per BUCKET_INPUT_BYTES, from 1 to MAX_BUCKETS. Any count gives the same selection
+    (a key's rows share a bucket); it only sizes the files."""
+    wanted = -(-input_bytes // BUCKET_INPUT_BYTES)
+    return min(MAX_BUCKETS, 1 << max(0, wanted - 1).bit_length())
 
 
 def write_spill(
     batches: Iterable[tuple[int, pa.Table | None]],
     tmp: str,
     config_hash: str,
+    n_buckets: int = MAX_BUCKETS,
     checkpoint_s: float = CHECKPOINT_S,
 ) -> dict[str, Any]:
     """Stream the workers' tables (in input order) to the spill and rejects.jsonl.
@@ -76,9 +88,9 @@ def write_spill(
     Returns:
         `good` and `rejected` counts, the first reject, and the paths of the spill's parts:
         `spill` (split name -> its Arrow IPC segment files), `rows` (rows.bin), `ck` and `pk`
-        (KeyBuckets folders of the content and prompt keys).
+        (KeyBuckets folders of the content and prompt keys) and `buckets` (their count).
     """
-    spill = _SpillWriter(tmp, config_hash)
+    spill = _SpillWriter(tmp, config_hash, n_buckets)
     last = time.monotonic()
     pool = pa.default_memory_pool()
     for unit, table in batches:
@@ -115,12 +127,12 @@ class _SpillWriter:
     segment files, closed (footer written) at every checkpoint; the other files are appended
     to and, on resume, cut back to the length the last checkpoint recorded."""
 
-    def __init__(self, tmp: str, config_hash: str) -> None:
+    def __init__(self, tmp: str, config_hash: str, n_buckets: int = MAX_BUCKETS) -> None:
         self.tmp, self.config_hash = tmp, config_hash
         self.folder = os.path.join(tmp, SPILL)
         self.schema = ROW_SCHEMA.empty_table().select(SPILL_COLUMNS).schema
-        self.content = KeyBuckets(os.path.join(self.folder, "ck"))
-        self.prompt = KeyBuckets(os.path.join(self.folder, "pk"))
+        self.content = KeyBuckets(os.path.join(self.folder, "ck"), n_buckets)
+        self.prompt = KeyBuckets(os.path.join(self.folder, "pk"), n_buckets)
         self.rows_path = os.path.join(self.folder, "rows.bin")
         self.rejects_path = os.path.join(tmp, REJECTS)
         progress = _read_progress(tmp)
@@ -257,29 +269,35 @@ class _SpillWriter:
             "rows": self.rows_path,
             "ck": self.content.folder,
             "pk": self.prompt.folder,
+            "buckets": self.content.n,
         }
 
 
 class KeyBuckets:
-    """128-bit keys with their row and split, hash-partitioned into N_BUCKETS files.
+    """128-bit keys with their row and split, hash-partitioned into `n` files (a power of two).
 
     The keys are cryptographic hashes, so their top bits spread the rows evenly, and every
     occurrence of one key lands in the same bucket: a rule over equal keys (dedupe, overlap)
     taken bucket by bucket is the same rule taken over all rows at once.
     """
 
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
+    def __init__(self, folder: str, n: int = MAX_BUCKETS) -> None:
+        assert 1 <= n <= MAX_BUCKETS and n & (n - 1) == 0, n
+        self.folder, self.n = folder, n
+        self.shift = np.uint64(64 - (n.bit_length() - 1))  # the top log2(n) bits pick it
         self.files: dict[int, BinaryIO] = {}
         os.makedirs(folder, exist_ok=True)
 
     def add(self, hi: np.ndarray, lo: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> None:
         records = np.empty(len(rows), KEY_RECORD)
         records["hi"], records["lo"], records["row"], records["split"] = hi, lo, rows, codes
-        bucket = (records["hi"] >> _BUCKET_SHIFT).astype(np.intp)
-        order = np.argsort(bucket, kind="stable")  # rows stay in input order in a bucket
-        records, bucket = records[order], bucket[order]
-        bounds = np.searchsorted(bucket, np.arange(N_BUCKETS + 1))
+        if self.n == 1:
+            bounds = np.asarray([0, len(records)])
+        else:
+            bucket = (records["hi"] >> self.shift).astype(np.intp)
+            order = np.argsort(bucket, kind="stable")  # rows stay in input order in a bucket
+            records, bucket = records[order], bucket[order]
+            bounds = np.searchsorted(bucket, np.arange(self.n + 1))
         for b in np.flatnonzero(np.diff(bounds)).tolist():
             f = self.files.get(b)
             if f is None:
