@@ -18,9 +18,11 @@ streams the split again to write `predictions.jsonl` in test-split order while m
 metrics' sufficient statistics chunk by chunk. The work folder lives under the output folder,
 which every node reads anyway (the fine-tuned model is there). With the output folder on an
 object store (s3://...), eval works in a local mirror of `<output_dir>/eval` (`eval_root`),
-copies each role's predictions and then metrics back, then the report; the actors then stay on
-the driver's node, which alone sees the work folder, and a fine-tuned model on the store is
-downloaded once into a local cache (`storage.cached_copy`).
+copies each role's predictions and then metrics back, then the report; the prompt store, which
+only the driver's node sees there, reaches the actors through Ray's object store (fetched once
+per node, `_prompt_store_for_actors`), so they run on any node (a KubeRay head has no GPU), and
+a fine-tuned model on the store is downloaded once per node into a local cache
+(`storage.cached_copy`).
 
 The fine-tuned model is `eval.finetuned_model` (a folder, or an MLflow `models:/` / `runs:/`
 URI downloaded once into `<output_dir>/eval/mlflow-models/`), else `<output_dir>/model`.
@@ -175,14 +177,14 @@ def evaluate(
         ds = ray.data.from_numpy(numbers).map_batches(
             Generator,
             fn_constructor_kwargs={
-                "model_path": model_path,
+                "model_path": _model_for_actors(cfg, role, model_path),
                 "eval_cfg": e.model_dump(),
                 "dtype": cfg.model.dtype,
                 "use_gpu": cfg.train.use_gpu,
                 "cpus": cpus,
                 "trust_remote_code": cfg.model.trust_remote_code,
                 "attn_implementation": cfg.model.attn_implementation,
-                "prompt_store": work,
+                "prompt_store": _prompt_store_for_actors(cfg, work),
                 "max_prompt": max_prompt,
             },
             batch_size=1,
@@ -192,7 +194,6 @@ def evaluate(
             compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cpus,
             num_gpus=1 if cfg.train.use_gpu else 0,
-            **_work_node_only(cfg),
         )
         new_tokens = 0
         done = 0
@@ -297,16 +298,53 @@ def _report(cfg: Any, eval_dir: str, roles: list[str], options: dict[str, Any]) 
     return out
 
 
-def _work_node_only(cfg: Any) -> dict[str, Any]:
-    """Ray remote args that keep the actors on this node when the work folder is a local
-    mirror (the output folder is on an object store): other nodes cannot map its prompt store."""
+def _prompt_store_for_actors(cfg: Any, work: str) -> str | dict[str, Any]:
+    """How the actors reach the prompt store: the work folder itself when it is under the
+    output folder, which every node reads; else (the output folder is on an object store and
+    the work folder a local mirror only this node sees) its arrays put into Ray's object store,
+    from their memory maps (shared memory, not the driver's heap), and fetched once by each node
+    that runs an actor."""
     if storage.local_path(cfg.experiment.output_dir) is not None:
-        return {}
+        return work
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = ray.get_runtime_context().get_node_id()
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    refs = {}
+    for name, dtype in (("tokens", np.int32), ("offsets", np.int64), ("order", np.int64)):
+        path = os.path.join(work, f"{name}.bin")
+        empty = os.path.getsize(path) == 0  # np.memmap refuses an empty file
+        array = np.zeros(0, dtype) if empty else np.asarray(np.memmap(path, dtype, mode="r"))
+        refs[name] = ray.put(array)
+    return refs
+
+
+def _model_for_actors(cfg: Any, role: str, model_path: str) -> str | dict[str, str]:
+    """What the actors load: `model_path` where every node sees it (the base model, a local or
+    shared folder, an MLflow download under a local or shared output folder); else a source
+    that each actor's node copies once itself (`local_model`): the driver's copy of a model
+    on an object store, and of an MLflow model when the output folder is on one, lies in a
+    cache only the driver's node sees."""
+    if role in ("base", "base_fewshot"):
+        return model_path
+    uri = cfg.eval.finetuned_model
+    if uri and uri.startswith(MLFLOW_SCHEMES):
+        if storage.local_path(cfg.experiment.output_dir) is not None:
+            return model_path
+        # The version the driver resolved and hashed, even if the alias moves meanwhile.
+        with open(os.path.join(os.path.dirname(model_path), "source.json")) as f:
+            resolved = json.load(f)["resolved"]
+        cache = os.path.join(eval_root(cfg), MODEL_CACHE)
+        return {"mlflow": resolved, "tracking_uri": cfg.tracking.tracking_uri, "cache": cache}
+    folder = uri or str(cfg.model_dir)
+    return model_path if storage.local_path(folder) is not None else {"folder": folder}
+
+
+def local_model(source: str | dict[str, str]) -> str:
+    """The local folder of an actor's model (`_model_for_actors`), copied to this node once."""
+    if isinstance(source, str):
+        return source
+    if "folder" in source:
+        return storage.cached_copy(source["folder"], required="config.json")
+    return fetch_mlflow_model(source["mlflow"], source["tracking_uri"], source["cache"], print)
 
 
 class Generator:
@@ -319,14 +357,14 @@ class Generator:
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | dict[str, str],
         eval_cfg: dict[str, Any],
         dtype: str,
         use_gpu: bool,
         cpus: float,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
-        prompt_store: str | None = None,
+        prompt_store: str | dict[str, Any] | None = None,
         max_prompt: int | None = None,
     ) -> None:
         import torch
@@ -338,6 +376,7 @@ class Generator:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.store = PromptStore(prompt_store) if prompt_store else None
         self.max_prompt = max_prompt
+        model_path = local_model(model_path)
         self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         torch_dtype = {
             "float32": torch.float32,
@@ -395,7 +434,14 @@ class PromptStore:
     file and its int64 offsets, as Megatron's indexed datasets), the batch plan (`order`: test
     rows sorted by prompt length) and, for k-shot prompts, their text."""
 
-    def __init__(self, work: str) -> None:
+    def __init__(self, work: str | dict[str, Any]) -> None:
+        if isinstance(work, dict):  # Ray object refs (`_prompt_store_for_actors`)
+            import ray
+
+            self.tokens, self.offsets, self.order = ray.get(
+                [work["tokens"], work["offsets"], work["order"]]
+            )
+            return
         self.tokens = np.memmap(os.path.join(work, "tokens.bin"), dtype=np.int32, mode="r")
         self.offsets = np.memmap(os.path.join(work, "offsets.bin"), dtype=np.int64, mode="r")
         order = os.path.join(work, "order.bin")

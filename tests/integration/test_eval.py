@@ -19,6 +19,8 @@ import pytest
 from eval import metrics as M
 from eval.evaluate import evaluate
 from launcher.config import Config, from_dict, resolve_paths
+from tests.integration.test_prepare_s3 import BUCKET as S3_BUCKET
+from tests.integration.test_prepare_s3 import s3  # noqa: F401 - the moto fixture, by name
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests" / "assets"
@@ -314,7 +316,7 @@ def test_finetuned_model_from_an_mlflow_uri(prepared, tmp_path: Path) -> None:
     import mlflow
     import transformers
 
-    from eval.evaluate import EvalError, model_path_for
+    from eval.evaluate import EvalError, _model_for_actors, eval_root, local_model, model_path_for
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Logged and registered the way launcher/tracking.py does it after training.
@@ -357,6 +359,22 @@ def test_finetuned_model_from_an_mlflow_uri(prepared, tmp_path: Path) -> None:
     again: list[str] = []
     path = model_path_for(by_alias["cfg"], "finetuned", log=again.append)
     assert path.startswith(str(cache)) and again == []
+    # With the output folder on S3 the driver's download sits in a local mirror no other node
+    # sees: actors get the version the driver resolved, and download it on their own node.
+    cfg_s3 = by_alias["cfg"].model_copy(deep=True)
+    cfg_s3.experiment.output_dir = "s3://no-bucket/exp"
+    source = _model_for_actors(cfg_s3, "finetuned", path)
+    assert source == {
+        "mlflow": f"models:/stories/{version.version}",
+        "tracking_uri": uri,
+        "cache": os.path.join(eval_root(cfg_s3), "mlflow-models"),
+    }
+    node_copy = local_model({**source, "cache": str(tmp_path / "node-cache")})
+    assert node_copy.startswith(str(tmp_path / "node-cache"))
+    assert (Path(node_copy) / "config.json").read_bytes() == (
+        Path(path) / "config.json"
+    ).read_bytes()
+    assert _model_for_actors(by_alias["cfg"], "finetuned", path) == path  # output folder shared
 
     for bad in ("models:/stories@no-such-alias", "models:/missing/1", "models:/stories"):
         with pytest.raises(EvalError, match="eval.finetuned_model"):
@@ -418,3 +436,69 @@ def test_failed_registration_fails_the_stage(tmp_path: Path) -> None:
     assert "bad/name" in str(err.value) and str(cfg.model_dir) in str(err.value)
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+# --- output folder on S3, actors off the driver's node (last: replaces the module's Ray) ---
+
+
+@pytest.mark.usefixtures("s3")
+def test_outputs_on_s3_eval_runs_on_a_node_other_than_the_drivers(
+    prepared, greedy, tmp_path: Path
+) -> None:
+    """With the output folder on S3 (a real moto server) the driver works in a local mirror,
+    and keeps its copy of a fine-tuned model on S3 in a cache, that other nodes cannot see.
+    Here the driver's node (the head) has no CPU for an actor, as a KubeRay head has no GPU, so
+    every actor runs on the other node: it reads its prompts through Ray's object store and
+    copies the model into its own node's cache (its own TMPDIR here). The predictions on S3
+    equal the local run's. Pinning the actors to the driver's node (as before) never schedules
+    them: Ray refuses the actors as infeasible.
+    """
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from data_pipeline import storage
+
+    cfg, manifest = prepared
+    cfg = cfg.model_copy(deep=True)
+    cfg.experiment.output_dir = f"s3://{S3_BUCKET}/eval-on-nodes"
+    cfg.eval.num_workers = 2
+    for f in MODEL.iterdir():  # the stand-in fine-tuned model, on S3
+        storage.put_file(str(f), f"{cfg.model_dir}/{f.name}")
+    node_tmp = tmp_path / "node2-tmp"
+    node_tmp.mkdir()
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+    )
+    results: dict[str, Any] = {}
+    try:
+        cluster.add_node(num_cpus=2, env_vars={"TMPDIR": str(node_tmp)})
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cluster.wait_for_nodes()
+
+        def run() -> None:
+            try:
+                for role in ("base", "finetuned"):
+                    results[role] = evaluate(cfg, manifest, role, log=lambda _: None)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                results["error"] = e
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "eval did not finish in 300 s"
+        if "error" in results:
+            raise results["error"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    for role in ("base", "finetuned"):
+        remote = f"{cfg.experiment.output_dir}/eval/{role}/predictions.jsonl"
+        lines = storage.read_bytes(remote).decode().splitlines()
+        got = {json.loads(line)["id"]: json.loads(line)["prediction"] for line in lines}
+        assert got == predictions(greedy), role
+    # The actors' node made its own copy of the model.
+    assert list((node_tmp / "ift-cache").glob("*/config.json"))
