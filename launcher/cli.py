@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # Refuse a run that cannot fit before any cluster resource starts.
         stage = {"submit": getattr(args, "stage", None), "k8s": cfg.cluster.stage}
         if stage.get(args.command, args.command) in FIT_CHECKED:
-            _check_fit(cfg)
+            _check_fit(cfg, pods=args.command == "k8s")
         if args.command == "submit":
             from launcher.submit import submit
 
@@ -176,10 +176,10 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fit(cfg: Config) -> None:
+def _check_fit(cfg: Config, pods: bool) -> None:
     from launcher.plan import check_fit
 
-    note = check_fit(cfg)
+    note = check_fit(cfg, pods=pods)
     if note:
         print(f"ift: {note}", file=sys.stderr)
 

@@ -768,11 +768,12 @@ def fit_fix(
 # --- the fit check of run / train / submit / k8s ----------------------------------------------
 
 
-def check_fit(cfg: Config) -> str | None:
+def check_fit(cfg: Config, pods: bool = False) -> str | None:
     """Refuse (ConfigError) a run that cannot fit; returns a one-line note when not checked.
 
     Called after config validation and before any cluster resource; `train.check_fit: false`
-    turns it off.
+    turns it off. `pods`: the nodes are the worker pods `ift k8s` sizes, so the host memory an
+    offloading GPU run needs is checked against theirs too (`host_problem`).
     """
     problems = gpu_type_problems(cfg)
     if problems:
@@ -786,9 +787,40 @@ def check_fit(cfg: Config) -> str | None:
         return f"fit check skipped: no model could be built from {cfg.model.name_or_path}"
     if plan.fits is None:
         return f"fit check skipped: memory per rank {plan.memory_source}"
-    if plan.fits:
+    if not plan.fits:
+        raise ConfigError(_refusal(plan))
+    problem = host_problem(cfg, plan) if pods else None
+    if problem:
+        raise ConfigError(problem)
+    return None
+
+
+def host_problem(cfg: Config, plan: Plan) -> str | None:
+    """Why a worker pod cannot hold what a GPU run offloads to host memory (None: it can).
+
+    Offloaded optimizer state or parameters live in the node's memory for the whole run, so a
+    pod limit below it is an OOM kill after model load, hours in. The need is the plan's host
+    bytes per node (DeepSpeed's estimate, with its 1.5x buffer); the pod's memory is
+    `cluster.worker_memory_limit`, else `cluster.worker_memory`.
+    """
+    t, c = cfg.train, cfg.cluster
+    if plan.memory is None or not t.use_gpu or not (t.offload_optimizer or t.offload_params):
         return None
-    raise ConfigError(_refusal(plan))
+    key = "worker_memory_limit" if c.worker_memory_limit else "worker_memory"
+    pod = c.worker_memory_limit or c.worker_memory
+    if plan.memory["host"] <= c.quantity(pod):
+        return None
+    what = " and ".join(
+        name
+        for name, on in (("optimizer state", t.offload_optimizer), ("parameters", t.offload_params))
+        if on
+    )
+    return (
+        f"cluster.{key}: a worker pod has {pod}, but offloading the {what} takes "
+        f"{_gib(plan.memory['host'])} of host memory per node (DeepSpeed's estimate, with its "
+        f"1.5x buffer; see `ift plan`): raise cluster.{key}, or spread the run over more nodes "
+        "(train.num_workers)"
+    )
 
 
 def _refusal(plan: Plan) -> str:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from launcher import k8s
-from launcher.config import Config, load_config
+from launcher.config import Config, ConfigError, load_config
 from tests.unit.test_k8s import assert_secure, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -284,3 +284,43 @@ def test_full_recipe_plan_equals_deepspeeds_estimator(path: Path) -> None:
     assert plan.memory is not None
     states = sum(plan.memory[k] for k in ("params", "grads", "optimizer", "gathered"))
     assert (states, plan.memory["host"]) == (gpu, host)
+
+
+OFFLOAD_RECIPES = [p for p in GPU_RECIPES if "offload" in p.name]
+
+
+@pytest.mark.parametrize("path", OFFLOAD_RECIPES, ids=[p.name for p in OFFLOAD_RECIPES])
+def test_k8s_refuses_worker_pods_smaller_than_the_offloaded_state(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An offloading recipe's pods hold its host memory; 1 GiB less than the plan's need is
+    refused by `ift k8s` (exit 2, naming the key) before any manifest is written, while
+    `ift submit` (nodes unknown here) and `ift plan` take it."""
+    from launcher import cli
+    from launcher.plan import build_plan, check_fit, host_problem
+
+    cfg = load(path)
+    plan = build_plan(cfg, with_data=False)
+    assert plan.memory is not None and plan.fits
+    need_gib = plan.memory["host"] / 2**30
+    assert host_problem(cfg, plan) is None  # as written, the recipe's pods are big enough
+    assert cfg.cluster.quantity(cfg.cluster.worker_memory) >= plan.memory["host"]
+    small = f"cluster.worker_memory={int(need_gib) - 1}Gi"
+    rel = str(path.relative_to(REPO))
+    args = ["k8s", rel, *model_overrides(path), small, "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cluster.worker_memory:" in err and "of host memory per node" in err, err
+    assert not (tmp_path / "out").exists()
+    smaller = load_config(path.relative_to(REPO), [*model_overrides(path), small])
+    assert check_fit(smaller, pods=False) is None
+    with pytest.raises(ConfigError, match="cluster.worker_memory"):
+        check_fit(smaller, pods=True)
+    # The hard limit is what an OOM kill follows: it is the figure checked when set.
+    limit = f"cluster.worker_memory_limit={int(need_gib) - 1}Gi"
+    limited = load_config(
+        path.relative_to(REPO),
+        [*model_overrides(path), f"cluster.worker_memory={int(need_gib) - 2}Gi", limit],
+    )
+    with pytest.raises(ConfigError, match="cluster.worker_memory_limit"):
+        check_fit(limited, pods=True)
