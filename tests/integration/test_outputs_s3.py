@@ -148,8 +148,9 @@ def _quickstart(workdir: Path, exp: str, data: str) -> Path:
     raw = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     raw["experiment"]["output_dir"] = exp
     raw["model"]["name_or_path"] = str(ROOT / raw["model"]["name_or_path"])
-    caps = [200, None, 60]
-    for src, cap in zip(raw["data"]["sources"], caps, strict=True):
+    caps = {"sst2_train.tsv": 200, "wmt21_de_en.jsonl": 60, "summeval100.jsonl": 20}
+    for src in raw["data"]["sources"]:
+        cap = caps.get(Path(src["path"]).name)
         src["path"] = str(ROOT / src["path"])
         if cap:
             src["max_records"] = cap
