@@ -165,7 +165,7 @@ def plan_units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
             gz = _strip_query(path).endswith(".gz")
             chunk = min(
                 CHUNK_BYTES,
-                max(MIN_CHUNK_BYTES, -(-size * (GZIP_RATIO if gz else 1) // RANGES_PER_FILE)),
+                max(MIN_CHUNK_BYTES, -(-estimated_bytes(path, size) // RANGES_PER_FILE)),
             )
             pieces = _cut(path, fmt, gz, size, chunk)
             if not pieces or len(pieces) == 1:
@@ -184,6 +184,11 @@ def plan_units(files: list[list[tuple[str, str]]]) -> list[dict[str, Any]]:
                     }
                 )
     return units
+
+
+def estimated_bytes(path: str, size: int) -> int:
+    """A file's size as read: a .gz file's decompressed size estimated at GZIP_RATIO."""
+    return size * (GZIP_RATIO if _strip_query(path).endswith(".gz") else 1)
 
 
 def _cut(path: str, fmt: str, gz: bool, size: int, chunk: int) -> list[dict[str, Any]] | None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from data_pipeline import fingerprint, split, storage
 from data_pipeline.errors import PrepareError
-from data_pipeline.inputs import GZIP_RATIO, expand, plan_units
+from data_pipeline.inputs import estimated_bytes, expand, plan_units
 from data_pipeline.manifest import MANIFEST, REJECTS, read_manifest
 from data_pipeline.schedule import run_units
 from data_pipeline.selection import select_rows
@@ -131,7 +131,11 @@ def prepare(
         # The checkpoint period is a test hook: the fault test checkpoints every unit.
         every = float(os.environ.get("IFT_TEST_PREPARE_CHECKPOINT_S", CHECKPOINT_S))
         spilled = write_spill(
-            batches, tmp, config_hash, bucket_count(_input_bytes(inputs)), checkpoint_s=every
+            batches,
+            tmp,
+            config_hash,
+            bucket_count(sum(estimated_bytes(i["path"], i["size"]) for i in inputs)),
+            checkpoint_s=every,
         )
         # Line numbers only identify a record within its file: name the file when there are several.
         spilled["multi_file"] = {i for i, entries in enumerate(files) if len(entries) > 1}
@@ -200,14 +204,6 @@ def _adopt_killed_run(staging: str, tmp: str, config_hash: str) -> int:
     for path in stale_tmp_dirs(staging):
         shutil.rmtree(path, ignore_errors=True)
     return start
-
-
-def _input_bytes(inputs: list[dict[str, Any]]) -> int:
-    """The inputs' size, decompressed (as `plan_units` estimates a .gz file's)."""
-    return sum(
-        i["size"] * (GZIP_RATIO if i["path"].partition("?")[0].endswith(".gz") else 1)
-        for i in inputs
-    )
 
 
 def _fmt_reject(r: dict[str, Any]) -> str:

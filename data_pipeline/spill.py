@@ -57,6 +57,7 @@ ROW_META = np.dtype([("split", "i1"), ("source", "<i4")])
 # A key with the row it belongs to (index in input order) and that row's split code.
 KEY_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8"), ("split", "i1")])
 MAX_BUCKETS = 256
+_TOP_BYTE = np.uint64(56)  # a key's top 8 bits; its bucket is their top log2(n) bits
 # Below this much input per bucket, fewer buckets (a power of two, down to 1).
 BUCKET_INPUT_BYTES = 1 << 20
 # Rows of rows.bin / drops.bin handled at a time by the passes over them.
@@ -284,20 +285,17 @@ class KeyBuckets:
     def __init__(self, folder: str, n: int = MAX_BUCKETS) -> None:
         assert 1 <= n <= MAX_BUCKETS and n & (n - 1) == 0, n
         self.folder, self.n = folder, n
-        self.shift = np.uint64(64 - (n.bit_length() - 1))  # the top log2(n) bits pick it
+        self.shift = np.uint64(8 - (n.bit_length() - 1))  # after _TOP_BYTE: 0..8, defined
         self.files: dict[int, BinaryIO] = {}
         os.makedirs(folder, exist_ok=True)
 
     def add(self, hi: np.ndarray, lo: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> None:
         records = np.empty(len(rows), KEY_RECORD)
         records["hi"], records["lo"], records["row"], records["split"] = hi, lo, rows, codes
-        if self.n == 1:
-            bounds = np.asarray([0, len(records)])
-        else:
-            bucket = (records["hi"] >> self.shift).astype(np.intp)
-            order = np.argsort(bucket, kind="stable")  # rows stay in input order in a bucket
-            records, bucket = records[order], bucket[order]
-            bounds = np.searchsorted(bucket, np.arange(self.n + 1))
+        bucket = ((records["hi"] >> _TOP_BYTE) >> self.shift).astype(np.intp)
+        order = np.argsort(bucket, kind="stable")  # rows stay in input order in a bucket
+        records, bucket = records[order], bucket[order]
+        bounds = np.searchsorted(bucket, np.arange(self.n + 1))
         for b in np.flatnonzero(np.diff(bounds)).tolist():
             f = self.files.get(b)
             if f is None:

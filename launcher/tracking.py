@@ -232,15 +232,10 @@ class Tracker:
         # The first TABLE_ROWS predictions as an MLflow table, browsable and comparable across
         # runs in the UI; all of them are in the artifact above. Read line by line: a test
         # split of millions must not sit in the driver's memory.
-        columns: dict[str, list[str]] = {}
         with open(out["predictions"], encoding="utf-8") as f:
-            for line in itertools.islice(filter(str.strip, f), TABLE_ROWS):
-                row = json.loads(line)
-                if not columns:
-                    columns = {k: [] for k in row}
-                for k, values in columns.items():
-                    values.append(str(row.get(k, "")))
-        if columns:
+            rows = [json.loads(line) for line in itertools.islice(filter(str.strip, f), TABLE_ROWS)]
+        if rows:
+            columns = {k: [str(r.get(k, "")) for r in rows] for k in rows[0]}
             mlflow.log_table(data=columns, artifact_file="predictions_table.json")
 
     def log_comparison(self, evals: dict[str, dict[str, float]]) -> None:
