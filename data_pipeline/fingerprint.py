@@ -22,10 +22,7 @@ from typing import Any
 
 from data_pipeline import templates
 from data_pipeline.inputs import filesystem
-
-# The tokenizer's identity is every file in its folder except model weights (too big to hash).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-
+from data_pipeline.tokenizer import tokenizer_files
 
 # A recorded digest is trusted only for a file last modified this long before it was hashed.
 TRUST_NS = 2_000_000_000
@@ -115,7 +112,6 @@ def config_hash(
     data = cfg.data.model_dump(mode="json")
     data.pop("num_workers")  # the result must not depend on it
     data.pop("output_dir")
-    tok_files = sorted(Path(tok_path).glob("*")) if Path(tok_path).is_dir() else []
     payload = {
         "version": 2,
         "data": data,
@@ -124,11 +120,8 @@ def config_hash(
         "templates": [
             templates.template_fingerprint(s.template, s.params) for s in cfg.data.sources
         ],
-        "tokenizer": [
-            (f.name, hashlib.sha256(f.read_bytes()).hexdigest())
-            for f in tok_files
-            if f.is_file() and f.suffix not in WEIGHT_SUFFIXES
-        ],
+        # Every file of its folder but model weights.
+        "tokenizer": tokenizer_files(tok_path),
         "code": _code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -808,6 +808,17 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
+@functools.cache
+def _source(function: types.FunctionType) -> str:
+    """A function's source, read once per function object: finding a definition in its file
+    (`inspect.getsource`) took 40 ms of every prepare's serial start, for code that cannot
+    change in a running process."""
+    try:
+        return inspect.getsource(function)
+    except OSError:  # no source shipped: the bytecode still changes with the code
+        return function.__code__.co_code.hex()
+
+
 def _definition_text(function: Callable[..., Any]) -> str:
     """Source of a built-in template and of every module helper and constant it uses."""
     module_globals = globals()
@@ -819,10 +830,7 @@ def _definition_text(function: Callable[..., Any]) -> str:
             return
         seen.add(name)
         if isinstance(obj, types.FunctionType) and obj.__module__ == __name__:
-            try:
-                parts.append(inspect.getsource(obj))
-            except OSError:  # no source shipped: the bytecode still changes with the code
-                parts.append(obj.__code__.co_code.hex())
+            parts.append(_source(obj))
             for used in sorted(_global_names(obj.__code__)):
                 if used in module_globals:
                     visit(used, module_globals[used])
