@@ -178,8 +178,8 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def ensure_ray(cfg: Config) -> bool:
-    """Join `cluster.address`, or start a local Ray with no dashboard; True when this call
-    connected (False: Ray was initialized already).
+    """Join `cluster.address`, or start a local Ray with no dashboard (its workers set up by
+    `launcher.local_ray`); True when this call connected (False: Ray was initialized already).
 
     Ray 2.60 has no loopback-only mode (it swaps 127.0.0.1 for the host IP and its gRPC servers
     listen on all interfaces): its token authentication and the host firewall guard the ports.
@@ -205,6 +205,7 @@ def ensure_ray(cfg: Config) -> bool:
         logging_level=logging.WARNING,
         configure_logging=True,
         _node_ip_address="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": "launcher.local_ray.quiet_workers"},
     )
     return True
 
