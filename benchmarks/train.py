@@ -22,6 +22,13 @@ run on a fresh Ray; `ray_overhead` = 1 - ift / plain DeepSpeed and `ratio_vs_hf_
 ift / HF Trainer are computed per repeat and reported as the median over repeats, every
 repeat's figures kept under `measurements.runs`.
 
+CPU: where the 2 cores went during the measured steps of ift (x1) and of the plain loop
+(`CpuSampler`: every process's CPU time every second, from this process, over the span between the
+MLflow timestamps of the last warm-up step and the last step): the ranks' share of the cores,
+and every other process's (Ray's daemons and Ray Train's control actors for ift; torchrun's agent
+for the plain loop), with the biggest of them by name. It says how much of `ray_overhead` is CPU
+that Ray's own processes take from the ranks on a machine with no core to spare.
+
 Scale: each ift run's train function is wrapped in its rank (`watched_worker`), which writes its
 pid and times the first return of `training.train.optimizer_step` from the function's start
 (model load, DeepSpeed init, opening the split, the step). A thread of this script samples each
@@ -192,8 +199,14 @@ def run(tmp: Path, plan: Plan, out: Path) -> int:
     scale_runs: dict[int, list[dict[str, Any]]] = {scale: [] for scale in plan.scales}
     for r in range(plan.repeats):
         scale_runs[1].append(ift(1, f"ift-x1-{r}"))
-        plain = median_rate(
-            torchrun("deepspeed", {**spec, "tracking": tracking()}, tmp), plan.warmup
+        plain_tracking = tracking()
+        with CpuSampler() as cpu:
+            plain = median_rate(
+                torchrun("deepspeed", {**spec, "tracking": plain_tracking}, tmp), plan.warmup
+            )
+        plain_cpu = cpu.window(
+            *step_span(db, plain_tracking["run_id"], plan),
+            lambda _, cmd: "_train_baselines.py" in cmd and "torch.distributed.run" not in cmd,
         )
         try:
             hf: float | None = median_rate(torchrun("hf", spec, tmp), plan.warmup)
@@ -208,6 +221,8 @@ def run(tmp: Path, plan: Plan, out: Path) -> int:
                 "hf_trainer_deepspeed_tokens_per_s": hf,
                 "ray_overhead": 1 - ift_tps / plain,
                 "ratio_vs_hf_trainer": ift_tps / hf if hf else None,
+                "ift_cpu": scale_runs[1][-1]["cpu"],
+                "plain_cpu": plain_cpu,
             }
         )
         for scale in plan.scales[1:]:
@@ -284,6 +299,11 @@ def run(tmp: Path, plan: Plan, out: Path) -> int:
         "ratios": {
             "ray_overhead": median([r["ray_overhead"] for r in runs]),
             "ratio_vs_hf_trainer": median([r["ratio_vs_hf_trainer"] for r in runs]),
+            # Shares of the 2 cores during the measured steps (see CpuSampler).
+            "ift_ranks_cpu_share": median([r["ift_cpu"]["ranks_share"] for r in runs]),
+            "ift_others_cpu_share": median([r["ift_cpu"]["others_share"] for r in runs]),
+            "plain_ranks_cpu_share": median([r["plain_cpu"]["ranks_share"] for r in runs]),
+            "plain_others_cpu_share": median([r["plain_cpu"]["others_share"] for r in runs]),
             "rank_rss_x100_over_x1": scale_ratio("rank_rss_anon_peak_mib", 100),
             "first_step_x100_over_x1": scale_ratio("first_step_s", 100),
             "tokens_per_s_x100_over_x1": scale_ratio("tokens_per_s", 100),
@@ -425,7 +445,7 @@ def ift_run(
     ttrain.train_worker = watched_worker(str(probe_dir))  # type: ignore[assignment]
     t_call = time.time()
     try:
-        with RankMemory(probe_dir) as memory:
+        with RankMemory(probe_dir) as memory, CpuSampler() as cpu:
             ttrain.train(cfg, manifest, tracking=tracking, log=lambda _: None)
     finally:
         ttrain.train_worker = real
@@ -447,8 +467,10 @@ def ift_run(
         )
     ]
     mib = 1 / 1024
+    rank_pids = {int(r["pid"]) for r in ranks}
     return {
         "tokens_per_s": statistics.median(rates[plan.warmup :]),
+        "cpu": cpu.window(*step_span(db, tracking["run_id"], plan), lambda p, _: p in rank_pids),
         "train_wall_s": wall,
         # From the start of the rank's train function to the end of its first optimizer step,
         # the slowest rank's; the driver's view adds Ray Train's start-up (actors, imports).
@@ -524,6 +546,96 @@ class RankMemory:
                 except (OSError, StopIteration):
                     continue  # not started yet, or gone
                 self.peak[pid] = max(self.peak.get(pid, 0), kib)
+
+
+class CpuSampler:
+    """CPU seconds (user + system) of every process on the machine, sampled every `interval` s
+    from a thread of this process while the block runs; `window` sums them over a span.
+
+    psutil walks ~150 processes per sample (~10 ms): at 1 s that costs this process ~1% of a
+    core, the same in the runs compared.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[float, str]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), _cpu_by_process()))
+            if self._stop.wait(self.interval):
+                return
+
+    def window(self, t0: float, t1: float, is_rank: Callable[[int, str], bool]) -> dict[str, Any]:
+        """CPU use between the first sample at or after `t0` and the last at or before `t1`:
+        the ranks' (`is_rank(pid, cmdline)`), this process's, and every other process's, as
+        seconds and as shares of the machine's cores over the span."""
+        inside = [(t, snap) for t, snap in self.samples if t0 <= t <= t1]
+        if len(inside) < 2:  # too few steps to measure (--quick)
+            return {"window_s": 0.0, "ranks_share": None, "others_share": None}
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        me = os.getpid()
+        ranks = others = mine = 0.0
+        by_name: dict[str, float] = {}
+        for pid, (cpu, cmd) in b.items():
+            used = cpu - a[pid][0] if pid in a else 0.0  # processes started inside: not counted
+            if pid == me:
+                mine += used
+            elif is_rank(pid, cmd):
+                ranks += used
+            else:
+                others += used
+                name = cmd.split()[0].rsplit("/", 1)[-1] if cmd else "(kernel threads)"
+                by_name[name] = by_name.get(name, 0.0) + used
+        span, cores = tb - ta, os.cpu_count() or 1
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        return {
+            "window_s": span,
+            "ranks_cpu_s": ranks,
+            "others_cpu_s": others,
+            "benchmark_cpu_s": mine,
+            "ranks_share": ranks / (span * cores),
+            "others_share": others / (span * cores),
+            "others_by_name_cpu_s": {k: round(v, 2) for k, v in top if v >= 0.005},
+        }
+
+
+def _cpu_by_process() -> dict[int, tuple[float, str]]:
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue  # gone
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "process_api" not in cmd:  # the sandbox's own agent, not part of any run
+            out[proc.pid] = (times.user + times.system, cmd[:200])
+    return out
+
+
+def step_span(db: Path, run_id: str, plan: Plan) -> tuple[float, float]:
+    """(end of the last warm-up step, end of the last step) as logged to MLflow, in seconds."""
+    stamps = [
+        ts / 1000
+        for (ts,) in sqlite3.connect(db).execute(
+            "select timestamp from metrics where run_uuid=? and key='train/tokens_per_s' "
+            "order by step",
+            (run_id,),
+        )
+    ]
+    return stamps[plan.warmup - 1], stamps[-1]
 
 
 def rss_anon_kib(pid: int | str = "self") -> int:
