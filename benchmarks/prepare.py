@@ -65,7 +65,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +72,8 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+from benchmarks.sampling import Periodic
 
 HERE = Path(__file__).resolve().parent
 # Run as a file, this folder comes first on sys.path, where benchmarks/eval.py would shadow the
@@ -241,7 +242,7 @@ def run_ift(sst2: Path, alpaca: Path, out: Path) -> tuple[float, dict[str, Any]]
     return elapsed, manifest
 
 
-class PeakRss:
+class PeakRss(Periodic):
     """Samples the memory of this process and of the Ray workers that ran prepare's tasks
     until stopped. A worker counts from its first `process_unit` task on, idle or not (it
     keeps the built tokenizer).
@@ -254,48 +255,37 @@ class PeakRss:
     """
 
     def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.driver = self.driver_anon = 0
         self.workers = self.workers_anon = 0
         self.total = self.total_anon = 0
         self._pids: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._me = psutil.Process()
 
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            driver, driver_anon = me.memory_info().rss, _rss_anon("self")
-            for p in me.children(recursive=True):
-                if p.pid in self._pids:
-                    continue
-                try:
-                    if "process_unit" in " ".join(p.cmdline()[:1]):
-                        self._pids[p.pid] = p
-                except psutil.Error:
-                    continue
-            workers = workers_anon = 0
-            for p in list(self._pids.values()):
-                try:
-                    workers += p.memory_info().rss
-                    workers_anon += _rss_anon(str(p.pid))
-                except psutil.Error:
-                    continue
-            self.driver = max(self.driver, driver)
-            self.driver_anon = max(self.driver_anon, driver_anon)
-            self.workers = max(self.workers, workers)
-            self.workers_anon = max(self.workers_anon, workers_anon)
-            self.total = max(self.total, driver + workers)
-            self.total_anon = max(self.total_anon, driver_anon + workers_anon)
-            self._stop.wait(self.interval)
+    def sample(self) -> None:
+        me = self._me
+        driver, driver_anon = me.memory_info().rss, _rss_anon("self")
+        for p in me.children(recursive=True):
+            if p.pid in self._pids:
+                continue
+            try:
+                if "process_unit" in " ".join(p.cmdline()[:1]):
+                    self._pids[p.pid] = p
+            except psutil.Error:
+                continue
+        workers = workers_anon = 0
+        for p in list(self._pids.values()):
+            try:
+                workers += p.memory_info().rss
+                workers_anon += _rss_anon(str(p.pid))
+            except psutil.Error:
+                continue
+        self.driver = max(self.driver, driver)
+        self.driver_anon = max(self.driver_anon, driver_anon)
+        self.workers = max(self.workers, workers)
+        self.workers_anon = max(self.workers_anon, workers_anon)
+        self.total = max(self.total, driver + workers)
+        self.total_anon = max(self.total_anon, driver_anon + workers_anon)
 
 
 def _rss_anon(pid: str) -> int:

@@ -58,7 +58,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +66,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.sampling import Periodic  # noqa: E402  (after the path above)
+
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_DATA = ROOT / "benchmarks" / "data" / "sst2_train.tsv.gz"
 MAX_SEQ_LEN = 256
@@ -520,35 +521,25 @@ def watched_worker(probe_dir: str) -> Callable[[dict[str, Any]], None]:
     return run
 
 
-class RankMemory:
+class RankMemory(Periodic):
     """Peak RssAnon (KiB) of every process that announced itself in `probe_dir` (`pid-<pid>`),
     sampled every SAMPLE_S from this process while the block runs."""
 
     def __init__(self, probe_dir: Path) -> None:
+        super().__init__(SAMPLE_S)
         self.probe_dir = probe_dir
         self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RankMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            for pid in [int(p.name[4:]) for p in self.probe_dir.glob("pid-*")]:
-                try:
-                    kib = rss_anon_kib(pid)
-                except (OSError, StopIteration):
-                    continue  # not started yet, or gone
-                self.peak[pid] = max(self.peak.get(pid, 0), kib)
+    def sample(self) -> None:
+        for pid in [int(p.name[4:]) for p in self.probe_dir.glob("pid-*")]:
+            try:
+                kib = rss_anon_kib(pid)
+            except (OSError, StopIteration):
+                continue  # not started yet, or gone
+            self.peak[pid] = max(self.peak.get(pid, 0), kib)
 
 
-class CpuSampler:
+class CpuSampler(Periodic):
     """CPU seconds (user + system) of every process on the machine, sampled every `interval` s
     from a thread of this process while the block runs; `window` sums them over a span.
 
@@ -557,24 +548,11 @@ class CpuSampler:
     """
 
     def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.samples: list[tuple[float, dict[int, tuple[float, str]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> CpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self.samples.append((time.time(), _cpu_by_process()))
-            if self._stop.wait(self.interval):
-                return
+    def sample(self) -> None:
+        self.samples.append((time.time(), _cpu_by_process()))
 
     def window(self, t0: float, t1: float, is_rank: Callable[[int, str], bool]) -> dict[str, Any]:
         """CPU use between the first sample at or after `t0` and the last at or before `t1`:

@@ -96,6 +96,7 @@ def config_hash(
     files: list[list[tuple[str, str]]],
     tok_path: str,
     inputs: list[dict[str, Any]] | None = None,
+    tok_files: list[tuple[str, str]] | None = None,
 ) -> str:
     """Everything the output depends on: file contents, templates (their code), tokenizer and
     settings.
@@ -105,6 +106,7 @@ def config_hash(
         files: Each source's (file, format) list, as `inputs.expand` gives it.
         tok_path: The tokenizer folder.
         inputs: `input_digests(files)`, when the caller has it already (computed if None).
+        tok_files: `tokenizer.tokenizer_files(tok_path)`, likewise.
     """
     if inputs is None:
         inputs = input_digests(files)
@@ -121,7 +123,7 @@ def config_hash(
             templates.template_fingerprint(s.template, s.params) for s in cfg.data.sources
         ],
         # Every file of its folder but model weights.
-        "tokenizer": tokenizer_files(tok_path),
+        "tokenizer": tokenizer_files(tok_path) if tok_files is None else tok_files,
         "code": _code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

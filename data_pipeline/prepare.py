@@ -46,7 +46,7 @@ from data_pipeline.manifest import MANIFEST, REJECTS, read_manifest
 from data_pipeline.schedule import run_units
 from data_pipeline.selection import select_rows
 from data_pipeline.spill import CHECKPOINT_S, SPILL, bucket_count, resume_point, write_spill
-from data_pipeline.tokenizer import tokenizer_spec
+from data_pipeline.tokenizer import tokenizer_files, tokenizer_spec
 from data_pipeline.write import stale_tmp_dirs, write_dataset
 
 __all__ = ["PrepareError", "prepare", "read_manifest"]
@@ -78,7 +78,9 @@ def prepare(
     existing = read_manifest(out_dir)
     # Only inputs whose size or mtime changed are read again (fingerprint.input_digests).
     inputs = fingerprint.input_digests(files, (existing or {}).get("inputs"))
-    config_hash = fingerprint.config_hash(cfg, files, tok_path, inputs)
+    # The tokenizer's files are hashed once: for the fingerprint and the spec cache's key.
+    tok_files = tokenizer_files(tok_path)
+    config_hash = fingerprint.config_hash(cfg, files, tok_path, inputs, tok_files)
     if existing and existing.get("config_hash") == config_hash:
         log(
             f"[prepare] reusing {out_dir}: same inputs and settings "
@@ -105,7 +107,7 @@ def prepare(
         f"{n_workers} Ray worker(s)"
     )
 
-    spec = tokenizer_spec(tok_path, cfg.model.trust_remote_code)
+    spec = tokenizer_spec(tok_path, cfg.model.trust_remote_code, files=tok_files)
     t_spec = time.perf_counter() - t0
     worker_args = {
         "sources": [s.model_dump(mode="json") for s in cfg.data.sources],

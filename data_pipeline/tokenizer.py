@@ -44,7 +44,10 @@ def tokenizer_files(path: str) -> list[tuple[str, str]]:
 
 
 def tokenizer_spec(
-    path: str, trust_remote_code: bool = False, cache_dir: str | None = None
+    path: str,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    files: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """What a worker needs to tokenize exactly as `AutoTokenizer.from_pretrained(path)` does.
 
@@ -56,8 +59,9 @@ def tokenizer_spec(
     A local folder's spec is cached in `cache_dir` (default SPEC_CACHE, in `$TMPDIR`)
     under a key of its files' contents, the path, and the versions of transformers, tokenizers
     and this module; `trust_remote_code` tokenizers (whose code may live elsewhere) are not.
+    `files` is `tokenizer_files(path)` when the caller has it already (hashed if None).
     """
-    key = _spec_key(path, trust_remote_code)
+    key = _spec_key(path, trust_remote_code, files)
     base = cache_dir or SPEC_CACHE
     cached = os.path.join(base, f"{key}.json") if key else None
     if cached and os.path.exists(cached):
@@ -80,8 +84,13 @@ def tokenizer_spec(
     return spec
 
 
-def _spec_key(path: str, trust_remote_code: bool) -> str | None:
-    files = [] if trust_remote_code else tokenizer_files(path)
+def _spec_key(
+    path: str, trust_remote_code: bool, files: list[tuple[str, str]] | None
+) -> str | None:
+    if trust_remote_code:
+        return None
+    if files is None:
+        files = tokenizer_files(path)
     if not files:
         return None
     versions = [metadata.version(p) for p in ("transformers", "tokenizers")]
