@@ -94,6 +94,7 @@ def bench_generation(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from data_pipeline.prepare import prepare
     from eval.evaluate import Generator, evaluate, read_test_split
     from eval.generate import plan_batches
+    from launcher import local_ray
     from launcher.config import from_dict, resolve_paths
 
     for k, v in {
@@ -103,7 +104,7 @@ def bench_generation(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "TQDM_DISABLE": "1",
     }.items():
         os.environ.setdefault(k, v)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    local_ray.start(2)  # as `ift eval` does
     try:
         cfg = resolve_paths(from_dict(bench_config(tmp / "small", SMALL)))
         manifest = prepare(cfg, log=lambda _: None)

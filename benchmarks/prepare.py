@@ -99,6 +99,8 @@ def main() -> int:
     args = parse_args()
     import ray
 
+    from launcher import local_ray
+
     work = Path(tempfile.mkdtemp(prefix="ift-bench-prepare-"))
     try:
         sst2, alpaca = base_inputs(work, args.records)
@@ -120,14 +122,7 @@ def main() -> int:
             print(f"x{scale} input: {size:.0f} MiB in {time.perf_counter() - t0:.0f} s", flush=True)
 
         t0 = time.perf_counter()
-        ray.init(
-            address="local",
-            num_cpus=CPUS,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        local_ray.start(CPUS, logging.ERROR, log_to_driver=False)  # as `ift prepare` does
         t_ray = time.perf_counter() - t0
         # A first prepare on this machine: no tokenizer spec cached yet either.
         from data_pipeline.tokenizer import SPEC_CACHE

@@ -4,7 +4,7 @@ memory and start-up as the train split grows 100-fold, and ZeRO-3 vs ZeRO-0 memo
     python benchmarks/train.py                                # benchmarks/results/train.json
     python benchmarks/train.py --quick --out /tmp/train.json  # a check: x1/x10, 1 repeat
 
-On 2 shared CPUs the full run takes ~20 min (15 to 25 with the load), --quick ~6 min.
+On 2 shared CPUs the full run takes ~30 min (25 to 40 with the load), --quick ~6 min.
 
 Data: the full SST-2 train set (`benchmarks/data/sst2_train.tsv.gz`, 60,614 phrases) prepared
 by ift (stories260K tokenizer, packed at 256: ~3.2M train tokens, "x1"). x10 and x100 are
@@ -50,6 +50,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -116,7 +117,9 @@ class Plan:
         return self.warmup + self.measured
 
 
-FULL = Plan(warmup=5, measured=20, repeats=3, scales=(1, 10, 100))
+# 5 repeats: on this shared VM one repeat's ray_overhead ranged 0.05 to 0.175 (2026-12-07), and
+# the median of 3 moved with the load.
+FULL = Plan(warmup=5, measured=20, repeats=5, scales=(1, 10, 100))
 QUICK = Plan(warmup=2, measured=4, repeats=1, scales=(1, 10))
 
 
@@ -361,15 +364,9 @@ def config(out: Path, model_dir: Path, data_dir: Path, steps: int) -> Any:
 
 
 def start_ray() -> None:
-    import ray
+    from launcher import local_ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-    )
+    local_ray.start(2, logging.ERROR)  # as `ift train` starts its local Ray
 
 
 def repeated_data(src: Path, manifest: dict[str, Any], scale: int, dest: Path) -> dict[str, Any]:

@@ -178,13 +178,11 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def ensure_ray(cfg: Config) -> bool:
-    """Join `cluster.address`, or start a local Ray with no dashboard (its workers set up by
-    `launcher.local_ray`); True when this call connected (False: Ray was initialized already).
-
-    Ray 2.60 has no loopback-only mode (it swaps 127.0.0.1 for the host IP and its gRPC servers
-    listen on all interfaces): its token authentication and the host firewall guard the ports.
-    """
+    """Join `cluster.address`, or start a local Ray (`launcher.local_ray.start`); True when this
+    call connected (False: Ray was initialized already)."""
     import ray
+
+    from launcher import local_ray
 
     if ray.is_initialized():
         return False
@@ -198,15 +196,7 @@ def ensure_ray(cfg: Config) -> bool:
     if os.environ.get("RAY_ADDRESS"):  # inside a Ray job (`ift submit`): join its cluster
         ray.init(logging_level=logging.WARNING)
         return True
-    ray.init(
-        address="local",  # a new local Ray, never one `ray start` left running on this host
-        num_cpus=cfg.cluster.num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": "launcher.local_ray.quiet_workers"},
-    )
+    local_ray.start(cfg.cluster.num_cpus)
     return True
 
 

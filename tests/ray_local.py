@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 
-def start_local_ray(logging_level: str = "ERROR") -> None:
-    """A new 2-CPU local Ray on loopback without dashboard; never joins a cluster someone else
-    started on this machine (tests/integration/conftest.py starts one)."""
-    import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging_level,
-    )
+def start_local_ray(logging_level: int = logging.ERROR) -> None:
+    """A new 2-CPU local Ray as ift starts one (`launcher.local_ray.start`); never joins a
+    cluster someone else started on this machine (tests/integration/conftest.py starts one)."""
+    from launcher import local_ray
+
+    local_ray.start(2, logging_level)

@@ -9,6 +9,7 @@ reassociation, ~1e-6 relative per step, compounded over a few Adam steps: RTOL =
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -46,7 +47,7 @@ def local_ray(_ray_for_module):
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["TQDM_DISABLE"] = "1"
     if not ray.is_initialized():
-        start_local_ray("WARNING")
+        start_local_ray(logging.WARNING)
     yield
 
 
@@ -107,6 +108,11 @@ def test_zero_stages_agree_step_by_step(local_ray, tmp_path: Path) -> None:
     assert losses[2] == pytest.approx(losses[0], rel=RTOL)
     assert losses[3] == pytest.approx(losses[0], rel=RTOL)
     assert losses[0][-1] < losses[0][0]  # and it learns
+    # Ray Train's own actors on the local Ray, from the GCS's actor table (dead ones included):
+    # no PreemptionWatcher there (`launcher.local_ray.LOCAL_TRAIN_ENV`), its controller is.
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "TrainController" in started
+    assert "PreemptionWatcher" not in started
 
 
 def test_one_worker_accumulating_equals_two_workers(local_ray, tmp_path: Path) -> None:
