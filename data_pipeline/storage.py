@@ -31,6 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from data_pipeline import local_cache
+
 # Parallel uploads/downloads of a folder's files (object stores are latency bound).
 IO_THREADS = 8
 
@@ -239,8 +241,8 @@ def cached_copy(
     """A local folder holding the remote folder `uri`, downloaded once per node and version.
 
     The copy is named by the URI and every remote file's size and modification time, so a
-    changed folder is fetched again and an unchanged one never. Concurrent callers download
-    into private temporary names and rename into place: none ever sees a partial copy.
+    changed folder is fetched again and an unchanged one never. It lives in a `local_cache`:
+    filled atomically, held by this process, the cache kept within its disk budget.
 
     Args:
         uri: the folder on any filesystem (`s3://...`).
@@ -262,23 +264,14 @@ def cached_copy(
         raise FileNotFoundError(f"{uri}: no files there")
     key = hashlib.sha256(json.dumps([uri.partition("?")[0], files]).encode()).hexdigest()[:24]
     base = cache_dir or os.path.join(tempfile.gettempdir(), "ift-cache")
-    dest = os.path.join(base, key)
-    if os.path.isdir(dest):
-        return dest
-    if not download:
-        raise FileNotFoundError(f"{uri}: not downloaded yet")
-    os.makedirs(base, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        download_folder(uri, tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process was first: use its copy
-            if not os.path.isdir(dest):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+        return local_cache.cached(
+            base, key, (lambda tmp: download_folder(uri, tmp)) if download else None
+        )
+    except FileNotFoundError:
+        if download:
+            raise
+        raise FileNotFoundError(f"{uri}: not downloaded yet") from None
 
 
 def staging_dir(dest: str) -> str:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+
+from data_pipeline import local_cache
 
 FORMAT = "ift-token-store"
 VERSION = 1
@@ -272,9 +272,9 @@ def from_rows(rows: Iterable[Mapping[str, Sequence[int]]]) -> TokenStore:
 def local_copy(uri: str, key: str, cache_dir: str | None = None) -> str:
     """A local folder holding the store at `uri` (s3://..., file://...), copied once per node.
 
-    Every rank of a node asks for the same `key` (the data fingerprint and split): the first to
-    finish copies into a private temporary name and renames it into place, so ranks that race
-    never see a half-copied store, and later calls map the copy already there.
+    Every rank of a node asks for the same `key` (the data fingerprint and split); the copy is a
+    `local_cache` entry: filled atomically (ranks that race never see a half-copied store),
+    held while the rank lives, the cache kept within its disk budget.
 
     Args:
         uri: the store folder on any filesystem pyarrow knows.
@@ -289,24 +289,13 @@ def local_copy(uri: str, key: str, cache_dir: str | None = None) -> str:
         or os.environ.get(CACHE_ENV)
         or os.path.join(tempfile.gettempdir(), "ift-token-cache")
     )
-    dest = os.path.join(root, key)
-    if os.path.exists(os.path.join(dest, INDEX)):
-        return dest
-    os.makedirs(root, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.makedirs(tmp)
+
+    def fill(tmp: str) -> None:
         fs, path = pafs.FileSystem.from_uri(uri)
         pafs.copy_files(
             path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
         )
         if not os.path.exists(os.path.join(tmp, INDEX)):
             raise FileNotFoundError(f"{uri} is not a finished token store (no {INDEX})")
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another rank of this node was first: use its copy
-            if not os.path.exists(os.path.join(dest, INDEX)):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return local_cache.cached(root, key, fill)
