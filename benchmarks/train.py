@@ -4,7 +4,7 @@ memory and start-up as the train split grows 100-fold, and ZeRO-3 vs ZeRO-0 memo
     python benchmarks/train.py                                # benchmarks/results/train.json
     python benchmarks/train.py --quick --out /tmp/train.json  # a check: x1/x10, 1 repeat
 
-On 2 shared CPUs the full run takes ~30 min (25 to 40 with the load), --quick ~6 min.
+On 2 shared CPUs the full run takes ~35 min (30 to 45 with the load), --quick ~8 min.
 
 Data: the full SST-2 train set (`benchmarks/data/sst2_train.tsv.gz`, 60,614 phrases) prepared
 by ift (stories260K tokenizer, packed at 256: ~3.2M train tokens, "x1"). x10 and x100 are
@@ -17,9 +17,10 @@ Throughput: the same random-init Llama (~3M parameters), the same x1 data and De
 (ZeRO-2, 2 CPU workers, gloo); steady-state tokens/s is the median over steps after a warm-up,
 so start-up costs are reported apart. Both loops do the same per-step work (the step, grad
 norm, LR, metrics logged to MLflow by rank 0) and time the same span (step end to step end).
-Each repeat runs ift (x1), the plain loop, the HF Trainer, then ift on x10 and x100, each ift
-run on a fresh Ray; `ray_overhead` = 1 - ift / plain DeepSpeed and `ratio_vs_hf_trainer` =
-ift / HF Trainer are computed per repeat and reported as the median over repeats, every
+Each repeat runs the plain loop, the HF Trainer, ift (x1), the HF Trainer and the plain loop
+again, then ift on x10 and x100, each ift run on a fresh Ray; `ray_overhead` = 1 - ift / plain
+DeepSpeed and `ratio_vs_hf_trainer` = ift / HF Trainer are computed per repeat against the mean
+of the baseline's runs before and after ift's, and reported as the median over repeats, every
 repeat's figures kept under `measurements.runs`.
 
 CPU: where the 2 cores went during the measured steps of ift (x1) and of the plain loop
@@ -197,36 +198,52 @@ def run(tmp: Path, plan: Plan, out: Path) -> int:
         run_cfg = config(tmp / name, model_dir, data_dirs[scale], plan.steps)
         return ift_run(run_cfg, manifests[scale], tracking(), db, tmp / name / "probe", plan)
 
-    # Interleaved, so that a change of load on a shared machine hits every side alike; ift at
-    # x1 runs right before the baselines it is compared with.
-    runs: list[dict[str, Any]] = []
-    scale_runs: dict[int, list[dict[str, Any]]] = {scale: [] for scale in plan.scales}
-    for r in range(plan.repeats):
-        scale_runs[1].append(ift(1, f"ift-x1-{r}"))
+    def plain_run() -> tuple[float, dict[str, Any]]:
         plain_tracking = tracking()
         with CpuSampler() as cpu:
-            plain = median_rate(
+            rate = median_rate(
                 torchrun("deepspeed", {**spec, "tracking": plain_tracking}, tmp), plan.warmup
             )
-        plain_cpu = cpu.window(
+        return rate, cpu.window(
             *step_span(db, plain_tracking["run_id"], plan),
             lambda _, cmd: "_train_baselines.py" in cmd and "torch.distributed.run" not in cmd,
         )
+
+    def hf_run() -> float | None:
         try:
-            hf: float | None = median_rate(torchrun("hf", spec, tmp), plan.warmup)
+            return median_rate(torchrun("hf", spec, tmp), plan.warmup)
         except RuntimeError as e:  # reported, not hidden
             print(f"HF Trainer baseline failed: {e}", file=sys.stderr)
-            hf = None
+            return None
+
+    # Each repeat runs the baselines before and after ift's x1 run (plain, HF, ift, HF, plain)
+    # and compares ift with the mean of each baseline's two runs: on this shared VM the speed
+    # moved by up to 30% from one minute to the next (2026-12-07), and a baseline measured on
+    # both sides of ift cancels a load that drifts over the repeat.
+    runs: list[dict[str, Any]] = []
+    scale_runs: dict[int, list[dict[str, Any]]] = {scale: [] for scale in plan.scales}
+    for r in range(plan.repeats):
+        plain_before, plain_cpu = plain_run()
+        hf_before = hf_run()
+        scale_runs[1].append(ift(1, f"ift-x1-{r}"))
+        hf_after = hf_run()
+        plain_after, plain_cpu_after = plain_run()
+        plain = (plain_before + plain_after) / 2
+        hf_rates = [v for v in (hf_before, hf_after) if v is not None]
+        hf = sum(hf_rates) / len(hf_rates) if hf_rates else None
         ift_tps = scale_runs[1][-1]["tokens_per_s"]
         runs.append(
             {
                 "ift_tokens_per_s": ift_tps,
                 "torchrun_deepspeed_tokens_per_s": plain,
+                "torchrun_deepspeed_before_after": [plain_before, plain_after],
                 "hf_trainer_deepspeed_tokens_per_s": hf,
+                "hf_trainer_before_after": [hf_before, hf_after],
                 "ray_overhead": 1 - ift_tps / plain,
                 "ratio_vs_hf_trainer": ift_tps / hf if hf else None,
                 "ift_cpu": scale_runs[1][-1]["cpu"],
                 "plain_cpu": plain_cpu,
+                "plain_cpu_after": plain_cpu_after,
             }
         )
         for scale in plan.scales[1:]:
