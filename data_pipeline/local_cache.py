@@ -39,6 +39,11 @@ TRASH = ".trash-"  # .trash-<key>-<random>: an entry being removed
 # the pid may belong to another PID namespace sharing the folder.
 STALE_S = 24 * 3600
 
+
+class NotCached(FileNotFoundError):
+    """`cached` without a `fill`, for an entry that is not there."""
+
+
 _held: dict[str, int] = {}  # entry folder -> its lock's descriptor, kept until the process ends
 _held_guard = threading.Lock()
 
@@ -53,7 +58,7 @@ def cached(base: str, key: str, fill: Callable[[str], None] | None) -> str:
             leave nothing behind. None: only an entry already there.
 
     Raises:
-        FileNotFoundError: `fill` is None and the entry is not there.
+        NotCached: `fill` is None and the entry is not there.
     """
     dest = os.path.join(base, key)
     filled = False
@@ -63,7 +68,7 @@ def cached(base: str, key: str, fill: Callable[[str], None] | None) -> str:
                 prune(base, max_bytes(base))
             return dest
         if fill is None:
-            raise FileNotFoundError(f"{dest}: not in the cache")
+            raise NotCached(f"{dest}: not in the cache")
         _fill(dest, fill)
         filled = True
     # Only if other processes removed the new entry three times between its rename and our lock.

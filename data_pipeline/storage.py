@@ -268,9 +268,7 @@ def cached_copy(
         return local_cache.cached(
             base, key, (lambda tmp: download_folder(uri, tmp)) if download else None
         )
-    except FileNotFoundError:
-        if download:
-            raise
+    except local_cache.NotCached:
         raise FileNotFoundError(f"{uri}: not downloaded yet") from None
 
 

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline import storage
+from data_pipeline import local_cache, storage
 from eval import fewshot
 from eval import metrics as M
 from eval.generate import generate_counted
@@ -768,14 +768,11 @@ def fetch_mlflow_model(
     `models:/NAME@ALIAS` is resolved to its version first, so the cache key (and with it the
     eval hash) follows the alias when it moves. The artifacts are downloaded into a temp dir,
     the model weights (`model/`) and tokenizer (`components/tokenizer/`) are merged into
-    `hf/`, and the dir is renamed into place: a crash never leaves a half-filled cache entry.
+    `hf/` of a `local_cache` entry: a crash never leaves a half-filled one.
 
     Raises:
         EvalError: The URI cannot be resolved or downloaded, or holds no transformers model.
     """
-    import shutil
-    import tempfile
-
     import mlflow
 
     def bad(why: str) -> EvalError:
@@ -801,15 +798,8 @@ def fetch_mlflow_model(
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "not usable"
         raise bad(f"{type(e).__name__}: {e}") from e
     key = hashlib.sha256(f"{tracking_uri}|{identity}".encode()).hexdigest()[:16]
-    final = os.path.join(cache_dir, key)
-    hf = os.path.join(final, "hf")
-    if os.path.exists(os.path.join(hf, "config.json")):
-        return hf
-    if not download:
-        raise bad("not downloaded yet")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
-    try:
+
+    def fill(tmp: str) -> None:
         log(f"[eval finetuned] downloading {identity} from {tracking_uri}")
         try:
             local = mlflow.artifacts.download_artifacts(
@@ -830,14 +820,11 @@ def fetch_mlflow_model(
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump({"uri": uri, "resolved": identity, "tracking_uri": tracking_uri}, f)
         shutil.rmtree(os.path.join(tmp, "mlflow"))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.exists(os.path.join(hf, "config.json")):
-                raise  # not a concurrent download that finished first
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return hf
+
+    try:
+        return os.path.join(local_cache.cached(cache_dir, key, fill if download else None), "hf")
+    except local_cache.NotCached:
+        raise bad("not downloaded yet") from None
 
 
 def _transformers_layout(local: str) -> tuple[str | None, str | None]:
