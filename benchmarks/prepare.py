@@ -8,8 +8,8 @@ Input: the real SST-2 train set (60,614 phrases, gzipped TSV) and the Alpaca dem
 records), 61,613 records in all, tokenized with GPT-2 at max_seq_len 512 (see
 benchmarks/data/NOTICE.md). `--records N` keeps only the first N SST-2 phrases (for quick
 checks; every figure is then on that smaller input). Every timing below is the median of
-`--repeat` runs (`--repeat-x1`, default 9, for ift at 1x and the ceiling: seconds each, and
-the denominators of the scale ratios); each run's figure is kept in `measurements`.
+`--repeat` runs (`--repeat-x1`, default 9, for ift at 1x: seconds each, and the denominators
+of the scale ratios); each run's figure is kept in `measurements`.
 
 * ift: `prepare()` on a local Ray with 2 CPUs, each run into a fresh output folder so nothing
   is reused. Ray start-up is reported on its own, and so is the first prepare (cold: Ray's
@@ -43,6 +43,12 @@ the denominators of the scale ratios); each run's figure is kept in `measurement
   Run last, after Ray is shut down, so that its imports do not inflate the driver's memory.
 * ceiling: `tokenizers` `encode_batch` of the same prompt and completion texts, already
   rendered, with its Rust thread pool on both cores: tokenization alone, no I/O, no Python.
+  ift's timed runs on the real files come in 3 blocks, each in a Ray started for it (its
+  workers warmed by one untimed run); the ceiling runs 3 times before the first block and
+  after each, with Ray shut down (an idle Ray slows its two threads by 10 to 15%).
+  `ratio_vs_ceiling` is the median over ift's runs of the mean of the ceiling's medians
+  before and after the run's block, over the run's time: the VM's speed drifts by tens of
+  percent within minutes (the same ceiling took 1.8 s in one run and 1.4 s in the next).
 * packing efficiency at 512: ift's train split (from its manifest), and TRL's packed dataset
   (tokens / (rows x 512), over all records: TRL has no split).
 
@@ -88,6 +94,10 @@ RESULTS = HERE / "results" / "prepare.json"
 MAX_SEQ_LEN = 512
 CPUS = 2
 MIB = 1 << 20
+# ift's runs on the real files come in this many blocks, each with the ceiling before and after
+# it (the median of CEILING_RUNS runs).
+BLOCKS = 3
+CEILING_RUNS = 3
 
 # Ray workers tokenize on the one CPU each was given; the ceiling turns the pool back on.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -108,8 +118,6 @@ def main() -> int:
         records = len(pairs)
         texts = [t for pair in pairs for t in pair]
 
-        ceiling = [run_ceiling(texts) for _ in range(args.repeat_x1)]
-        print(f"ceiling {[round(t, 2) for t, _ in ceiling]} s", flush=True)
         hf = [run_datasets_map(sst2, alpaca, work / "hf_cache") for _ in range(args.repeat)]
         print(f"datasets.map {[round(t, 2) for t, _ in hf]} s", flush=True)
 
@@ -121,17 +129,36 @@ def main() -> int:
             size = sum(p.stat().st_size for p in inputs[scale]) / MIB
             print(f"x{scale} input: {size:.0f} MiB in {time.perf_counter() - t0:.0f} s", flush=True)
 
-        t0 = time.perf_counter()
-        local_ray.start(CPUS, logging.ERROR, log_to_driver=False)  # as `ift prepare` does
-        t_ray = time.perf_counter() - t0
-        # A first prepare on this machine: no tokenizer spec cached yet either.
+        # ift on the real files in BLOCKS blocks, each in a Ray of its own, and the ceiling
+        # before the first and after each with Ray shut down. The VM's speed drifts by tens of
+        # percent within minutes, so each ift run is compared with the ceiling just before and
+        # after its block; and an idle Ray slows the ceiling's two threads by 10 to 15%
+        # (measured), so it never runs beside one.
         from data_pipeline.tokenizer import SPEC_CACHE
 
-        shutil.rmtree(SPEC_CACHE, ignore_errors=True)
-        t_cold, _ = run_ift(sst2, alpaca, work / "ift")
-        print(f"ift cold {t_cold:.2f} s (ray.init {t_ray:.1f} s)", flush=True)
-        real = [run_ift(sst2, alpaca, work / "ift") for _ in range(args.repeat_x1)]
+        ceiling = [[run_ceiling(texts) for _ in range(CEILING_RUNS)]]
+        real: list[tuple[float, dict[str, Any]]] = []
+        blocks: list[int] = []
+        for block in range(BLOCKS):
+            t0 = time.perf_counter()
+            local_ray.start(CPUS, logging.ERROR, log_to_driver=False)  # as `ift prepare` does
+            if block == 0:
+                t_ray = time.perf_counter() - t0
+                # A first prepare on this machine: no tokenizer spec cached yet either.
+                shutil.rmtree(SPEC_CACHE, ignore_errors=True)
+                t_cold, _ = run_ift(sst2, alpaca, work / "ift")
+                print(f"ift cold {t_cold:.2f} s (ray.init {t_ray:.1f} s)", flush=True)
+            else:
+                run_ift(sst2, alpaca, work / "ift")  # the new Ray's workers warm, untimed
+            for _ in range(-(-args.repeat_x1 // BLOCKS)):
+                real.append(run_ift(sst2, alpaca, work / "ift"))
+                blocks.append(block)
+            ray.shutdown()
+            ceiling.append([run_ceiling(texts) for _ in range(CEILING_RUNS)])
         print(f"ift on the real files {[round(t, 2) for t, _ in real]} s", flush=True)
+        print(f"ceiling {[[round(t, 2) for t, _ in c] for c in ceiling]} s", flush=True)
+        local_ray.start(CPUS, logging.ERROR, log_to_driver=False)
+        run_ift(sst2, alpaca, work / "ift")  # warm workers for the scale series too
         scales: dict[int, dict[str, Any]] = {}
         for scale in args.scales:
             repeat = args.repeat_x1 if scale == 1 else args.repeat
@@ -156,7 +183,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = report(args, records, t_ray, t_cold, real, scales, ceiling, hf, trl)
+    result = report(args, records, t_ray, t_cold, real, blocks, scales, ceiling, hf, trl)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
@@ -177,7 +204,7 @@ def parse_args() -> argparse.Namespace:
         "--repeat-x1",
         type=int,
         default=9,
-        help="timed runs of ift at 1x and of the ceiling: seconds each, and the denominator of "
+        help="timed runs of ift at 1x: seconds each, and the denominator of "
         "every x10/x100 ratio, so more runs steady their medians",
     )
     parser.add_argument(
@@ -512,8 +539,9 @@ def report(
     t_ray: float,
     t_cold: float,
     real: list[tuple[float, dict[str, Any]]],
+    blocks: list[int],
     scales: dict[int, dict[str, Any]],
-    ceiling: list[tuple[float, int]],
+    ceiling: list[list[tuple[float, int]]],
     hf: list[tuple[float, int]],
     trl: dict[str, Any],
 ) -> dict[str, Any]:
@@ -522,7 +550,10 @@ def report(
     `real` (the real files at 1x) is compared with the baselines; `scales` (the suffixed
     inputs, 1x included) with each other."""
     t_ift = statistics.median(t for t, _ in real)
-    t_ceiling = statistics.median(t for t, _ in ceiling)
+    t_ceiling = statistics.median(t for runs in ceiling for t, _ in runs)
+    # Each ift run against the mean of the ceiling's medians just before and after its block.
+    at = [statistics.median(t for t, _ in runs) for runs in ceiling]
+    vs_ceiling = [(at[b] + at[b + 1]) / 2 / t for (t, _), b in zip(real, blocks, strict=True)]
     t_datasets = statistics.median(t for t, _ in hf)
     manifest = real[-1][1]
     splits = manifest["splits"]
@@ -539,6 +570,8 @@ def report(
         "ift_runs_s": [round(t, 3) for t, _ in real],
         "ift_s": round(t_ift, 3),
         "ift_records_per_s": round(records / t_ift, 1),
+        "ift_runs_block": blocks,
+        "ratio_vs_ceiling_runs": [round(r, 3) for r in vs_ceiling],
         "packing_efficiency_ift_512": round(splits["train"]["packing_efficiency"], 5),
         "packing_efficiency_trl_512": round(trl["packing_efficiency"], 5),
     }
@@ -574,14 +607,14 @@ def report(
         "trl_sfttrainer_overhead_s": trl["overhead_s"],
         "trl_packed_rows": trl["rows"],
         "trl_tokens": trl["tokens"],
-        "tokenizers_encode_batch_runs_s": [round(t, 3) for t, _ in ceiling],
+        "tokenizers_encode_batch_runs_s": [[round(t, 3) for t, _ in runs] for runs in ceiling],
         "tokenizers_encode_batch_s": round(t_ceiling, 3),
-        "tokenizers_tokens": ceiling[0][1],
+        "tokenizers_tokens": ceiling[0][0][1],
     }
     ratios: dict[str, float] = {
         "ratio_vs_datasets_map": round(t_datasets / t_ift, 3),
         "ratio_vs_trl": round(trl["s"] / t_ift, 3),
-        "ratio_vs_ceiling": round(t_ceiling / t_ift, 3),
+        "ratio_vs_ceiling": round(statistics.median(vs_ceiling), 3),
         "ratio_cold_vs_datasets_map": round(t_datasets / t_cold, 3),
     }
     rss_1x = scales[1]["rss"]
