@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 LOCK = ".ift-lock"
 BUDGET_ENV = "IFT_CACHE_MAX_GB"
@@ -140,31 +141,64 @@ def max_bytes(base: str) -> int:
     return int(gib * 2**30)
 
 
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    bytes: int
+    last_used: float  # seconds since the epoch
+    held: bool  # some process uses it now (as of the listing)
+
+
+def entries(base: str) -> list[Entry]:
+    """The entries of the cache folder `base`, least recently used first (none if it is
+    missing). Only reads: a held entry is told apart by trying its lock without waiting."""
+    if not os.path.isdir(base):
+        return []
+    found = []
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        if name.startswith(TRASH) or TMP_MARK in name:
+            continue
+        try:
+            used = os.stat(os.path.join(path, LOCK)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not an entry, or removed by another process just now
+        found.append(Entry(name, _size(path), used, _in_use(os.path.join(path, LOCK))))
+    return sorted(found, key=lambda e: (e.last_used, e.key))
+
+
+def _in_use(lock: str) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close, below
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def prune(base: str, budget: int) -> list[str]:
     """Remove least recently used entries nobody holds until the entries fit in `budget` bytes,
     and what dead processes left behind; returns the keys of the entries removed."""
-    entries = []
     for name in os.listdir(base):
         path = os.path.join(base, name)
         if name.startswith(TRASH):
             shutil.rmtree(path, ignore_errors=True)  # a removal cut short: nobody holds it
-        elif TMP_MARK in name:
-            if _abandoned(name, path):
-                shutil.rmtree(path, ignore_errors=True)
-        elif os.path.isfile(os.path.join(path, LOCK)):
-            try:
-                used = os.stat(os.path.join(path, LOCK)).st_mtime
-            except FileNotFoundError:
-                continue  # removed by another process just now
-            entries.append((used, name, _size(path)))
-    total = sum(size for _, _, size in entries)
+        elif TMP_MARK in name and _abandoned(name, path):
+            shutil.rmtree(path, ignore_errors=True)
+    listed = entries(base)
+    total = sum(e.bytes for e in listed)
     removed = []
-    for _, name, size in sorted(entries):
+    for entry in listed:
         if total <= budget:
             break
-        if _remove(base, name):
-            total -= size
-            removed.append(name)
+        if not entry.held and _remove(base, entry.key):
+            total -= entry.bytes
+            removed.append(entry.key)
     return removed
 
 

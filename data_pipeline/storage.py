@@ -263,13 +263,18 @@ def cached_copy(
     if not files:
         raise FileNotFoundError(f"{uri}: no files there")
     key = hashlib.sha256(json.dumps([uri.partition("?")[0], files]).encode()).hexdigest()[:24]
-    base = cache_dir or os.path.join(tempfile.gettempdir(), "ift-cache")
+    base = cache_dir or model_cache_dir()
     try:
         return local_cache.cached(
             base, key, (lambda tmp: download_folder(uri, tmp)) if download else None
         )
     except local_cache.NotCached:
         raise FileNotFoundError(f"{uri}: not downloaded yet") from None
+
+
+def model_cache_dir() -> str:
+    """Where `cached_copy` keeps its copies by default (`ift cache` lists and prunes it)."""
+    return os.path.join(tempfile.gettempdir(), "ift-cache")
 
 
 def staging_dir(dest: str) -> str:

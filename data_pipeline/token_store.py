@@ -269,6 +269,11 @@ def from_rows(rows: Iterable[Mapping[str, Sequence[int]]]) -> TokenStore:
     return from_table(pa.table(cols, schema=ROW_SCHEMA))
 
 
+def cache_root() -> str:
+    """Where `local_copy` keeps its copies by default (`ift cache` lists and prunes it)."""
+    return os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "ift-token-cache")
+
+
 def local_copy(uri: str, key: str, cache_dir: str | None = None) -> str:
     """A local folder holding the store at `uri` (s3://..., file://...), copied once per node.
 
@@ -284,11 +289,7 @@ def local_copy(uri: str, key: str, cache_dir: str | None = None) -> str:
     Returns:
         The local folder to `open_store`.
     """
-    root = (
-        cache_dir
-        or os.environ.get(CACHE_ENV)
-        or os.path.join(tempfile.gettempdir(), "ift-token-cache")
-    )
+    root = cache_dir or cache_root()
 
     def fill(tmp: str) -> None:
         fs, path = pafs.FileSystem.from_uri(uri)

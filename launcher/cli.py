@@ -9,11 +9,13 @@ ift score   --predictions FILE.jsonl [--metrics bleu,chrf,rouge] [--num-workers 
 ift submit  CONFIG --address http://HEAD:8265 [key=value ...]
 ift jobs    list|logs|stop [JOB_ID] --address http://HEAD:8265
 ift k8s     CONFIG [--out DIR] [key=value ...]
+ift cache   [list|prune] [--dir DIR ...] [--max-gb N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launcher.config import Config, ConfigError, load_config
@@ -88,6 +90,30 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="write rayjob.yaml and raycluster.yaml there (default: print the RayJob's YAML)",
     )
+    text = "list or prune this node's copies of downloaded models and token stores"
+    ca = sub.add_parser("cache", help=text, description=text)
+    ca.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "prune"],
+        help="list the entries (default), or remove the least recently used ones no process is "
+        "using until each folder fits its budget",
+    )
+    ca.add_argument(
+        "--dir",
+        action="append",
+        default=None,
+        help="a cache folder, repeatable (default: the model cache <tmp>/ift-cache and the token "
+        "store cache, $IFT_TOKEN_CACHE or <tmp>/ift-token-cache)",
+    )
+    ca.add_argument(
+        "--max-gb",
+        type=float,
+        default=None,
+        help="prune each folder to this many GiB (default: $IFT_CACHE_MAX_GB, else half its "
+        "filesystem); 0 removes every entry no process is using",
+    )
     return p
 
 
@@ -114,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return _score(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.command == "jobs":
             from launcher.submit import jobs
 
@@ -158,6 +186,38 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ift {args.command}: {e}", file=sys.stderr)
         return 1
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """`ift cache`: the entries of each cache folder (size, last use, in use), or prune them.
+    A cache is also pruned after every fill; this is for a node whose disk is needed now."""
+    import time
+
+    from data_pipeline import local_cache, storage, token_store
+
+    if args.max_gb is not None and not args.max_gb >= 0:
+        raise ConfigError(f"--max-gb: {args.max_gb} is not a number of GiB >= 0")
+    gib = 2**30
+    for base in args.dir or [storage.model_cache_dir(), token_store.cache_root()]:
+        if args.action == "prune" and os.path.isdir(base):
+            try:
+                budget = (
+                    int(args.max_gb * gib)
+                    if args.max_gb is not None
+                    else local_cache.max_bytes(base)
+                )
+            except ValueError as bad:  # a bad $IFT_CACHE_MAX_GB, named in the message
+                raise ConfigError(str(bad)) from None
+            removed = local_cache.prune(base, budget)
+            print(f"{base}: removed {len(removed)} entries ({', '.join(removed) or 'none'})")
+        listed = local_cache.entries(base)
+        total = sum(e.bytes for e in listed)
+        print(f"{base}: {len(listed)} entries, {total / gib:.2f} GiB")
+        for e in reversed(listed):  # the most recently used first
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            held = "  in use" if e.held else ""
+            print(f"  {e.key}  {e.bytes / gib:8.2f} GiB  used {used}{held}")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -189,3 +189,21 @@ def test_the_budget_comes_from_the_environment_or_the_disk(
         monkeypatch.setenv(local_cache.BUDGET_ENV, bad)
         with pytest.raises(ValueError, match=local_cache.BUDGET_ENV):
             local_cache.max_bytes(str(tmp_path))
+
+
+def test_entries_are_listed_by_last_use_with_size_and_whether_in_use(tmp_path: Path) -> None:
+    assert local_cache.entries(str(tmp_path / "missing")) == []
+    user(tmp_path, "a", MIB).wait()
+    holder = user(tmp_path, "b", 2 * MIB, wait=True)
+    try:
+        used_at(tmp_path, "a", time.time() - 100)
+        (tmp_path / "not-an-entry").mkdir()  # no lock file: not this module's, not listed
+        listed = local_cache.entries(str(tmp_path))
+        assert [(e.key, e.bytes, e.held) for e in listed] == [
+            ("a", MIB, False),
+            ("b", 2 * MIB, True),
+        ]
+        assert listed[0].last_used < listed[1].last_used
+    finally:
+        holder.communicate("\n")
+    assert [e.held for e in local_cache.entries(str(tmp_path))] == [False, False]
