@@ -18,14 +18,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline import sources, split, templates, tokenize
+from data_pipeline import split, templates, tokenize
 from data_pipeline.inputs import records
 from data_pipeline.sources import Reject
 from data_pipeline.tokenizer import make_encoder
 
-# A worker renders and tokenizes a unit this many records at a time, and sends its output on
-# in tables of about OUTPUT_BYTES (see ShardWorker._tables).
+# A worker tokenizes a unit this many records, or this many characters of rendered text, at a
+# time, and sends its output on in tables of about OUTPUT_BYTES (see ShardWorker._tables). The
+# character bound keeps a batch's transient objects (encodings, token id lists: ~150 bytes per
+# token) the same whatever the record length: 1024 Alpaca records are ~1M characters.
 RECORDS_PER_BATCH = 1024
+BATCH_CHARS = 128 << 10
 OUTPUT_BYTES = 8 << 20
 
 _I32_LIST = pa.list_(pa.int32())
@@ -72,7 +75,9 @@ def process_unit(unit: dict[str, Any], key: str, worker_args: dict[str, Any]) ->
         # Everything alive now (imported modules, Ray's state, this worker) lasts as long as
         # the process: frozen, it is out of the cyclic collector's sight, whose collections,
         # triggered by the per-record objects, then scan only what a batch made. py-spy on
-        # the benchmark's workers: the collector's share fell from 10% to 5%.
+        # the benchmark's workers: the collector's share fell from 10% to 5%. Garbage is
+        # collected first, or the replaced worker (its tokenizer: ~14 MiB) would stay frozen.
+        gc.collect()
         gc.freeze()
     pool = pa.default_memory_pool()
     for table in worker._tables(unit):
@@ -123,47 +128,63 @@ class ShardWorker:
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     def _tables(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
-        """One unit, RECORDS_PER_BATCH records at a time, as tables of about OUTPUT_BYTES.
+        """One unit, a batch of at most RECORDS_PER_BATCH records or about BATCH_CHARS
+        characters at a time, as tables of about OUTPUT_BYTES.
 
-        The Python objects of a batch (texts, token lists) are freed once it is an Arrow
-        table, and the tables leave the worker as they fill, so a worker's memory is bounded
-        by the batch, not by the unit (a file that cannot be cut, e.g. a SQuAD JSON, comes whole).
+        Records are rendered as they are parsed; the Python objects of a batch (texts, token
+        lists) are freed once it is an Arrow table, and the tables leave the worker as they
+        fill, so a worker's memory is bounded by the batch, not by the unit or the record
+        length (a file that cannot be cut, e.g. a SQuAD JSON, comes whole).
         """
+        render = self.renderers[unit["source"]]
         pending: list[pa.Table] = []
         size, processed = 0, False
-        batch: list[sources.Parsed] = []
-        for item in records(unit):
-            batch.append(item)
-            if len(batch) == RECORDS_PER_BATCH:
-                pending.append(self._process_batch(unit, batch))
-                batch, processed = [], True
+        lines: list[int] = []
+        rendered: list[split.Turns] = []
+        rejects: list[tuple[int, str]] = []
+        n = chars = 0
+        for line, rec in records(unit):
+            n += 1
+            if isinstance(rec, Reject):
+                rejects.append((line, rec.reason))
+            else:
+                try:
+                    turns = render(rec)
+                except templates.TemplateError as e:
+                    rejects.append((line, str(e)))
+                else:
+                    rendered.append(turns)
+                    lines.append(line)
+                    if len(turns) == 1:
+                        chars += len(turns[0][0]) + len(turns[0][1])
+                    else:
+                        chars += sum(len(p) + len(c) for p, c in turns)
+            if n == RECORDS_PER_BATCH or chars >= BATCH_CHARS:
+                pending.append(self._process_batch(unit, lines, rendered, rejects))
+                lines, rendered, rejects, n, chars = [], [], [], 0, 0
+                processed = True
                 size += pending[-1].nbytes
                 if size >= OUTPUT_BYTES:
                     yield pa.concat_tables(pending)
                     pending, size = [], 0
-        if not processed and not batch and unit.get("whole", False):
+        if not processed and not n and unit.get("whole", False):
             # An empty input among good ones is most likely a mistake: say so, at line 0.
-            batch = [(0, Reject(unit["path"], 0, "empty file: no records"))]
-        if batch or not processed:
-            pending.append(self._process_batch(unit, batch))
+            rejects, n = [(0, "empty file: no records")], 1
+        if n or not processed:
+            pending.append(self._process_batch(unit, lines, rendered, rejects))
         if pending:
             yield pa.concat_tables(pending)
 
-    def _process_batch(self, unit: dict[str, Any], batch: list[sources.Parsed]) -> pa.Table:
+    def _process_batch(
+        self,
+        unit: dict[str, Any],
+        lines: list[int],
+        rendered: list[split.Turns],
+        rejects: list[tuple[int, str]],
+    ) -> pa.Table:
+        """Tokenize a batch's rendered records (at `lines`) and key and split them; one
+        ROW_SCHEMA table of its good rows, then its rejects in file order."""
         src_idx = unit["source"]
-        render = self.renderers[src_idx]
-        rejects: list[tuple[int, str]] = []
-        lines: list[int] = []
-        rendered: list[split.Turns] = []
-        for line, rec in batch:
-            if isinstance(rec, Reject):
-                rejects.append((line, rec.reason))
-                continue
-            try:
-                rendered.append(render(rec))
-                lines.append(line)
-            except templates.TemplateError as e:
-                rejects.append((line, str(e)))
         built, ids = tokenize_turns(
             rendered,
             self.encode,
