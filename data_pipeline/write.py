@@ -67,6 +67,7 @@ def write_dataset(
     digest = hashlib.sha256()
     splits: dict[str, Any] = {}
     exemplars: dict[str, Any] = {}
+    pool = pa.default_memory_pool()
     # Parquet encoding, the token store and the content hash run on a thread, overlapped with
     # the gathering and packing of the next batch here (both mostly outside the GIL).
     with InOrder() as output:
@@ -119,6 +120,9 @@ def write_dataset(
                 for batch in batches:
                     output.put(_write_batch, writer, store, batch)
                     spill.release()  # the batch is a copy: its spill pages can go
+                    # Built on this thread: Arrow's allocator (mimalloc) returns a thread's
+                    # free pages only when that thread asks (~12 MiB held at 100x quickstart).
+                    pool.release_unused()
             output.drain()
             info: dict[str, Any] = {**tokenize.token_stats_from_histogram(histogram, loss_tokens)}
             info["packed"] = packed

@@ -2,7 +2,7 @@
 
 - A SIGKILL midway (once the job has spilled worker output to its temporary folder) leaves no
   manifest, and the rerun finishes with the fingerprint of an uninterrupted run.
-- Peak memory (driver + Ray workers) stays flat when the input grows tenfold.
+- Peak memory (driver + Ray workers) stays flat when the input grows tenfold (10x -> 100x).
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ class PeakRss:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.peak = {"driver": 0, "driver_anon": 0, "workers": 0, "workers_anon": 0, "total": 0}
+        self.peak = dict.fromkeys(
+            ["driver", "driver_anon", "workers", "workers_anon", "total", "total_anon"], 0
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -158,6 +160,7 @@ class PeakRss:
             except psutil.Error:
                 return
             now["total"] = now["driver"] + now["workers"]
+            now["total_anon"] = now["driver_anon"] + now["workers_anon"]
             self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
             time.sleep(0.05)
 
@@ -285,19 +288,27 @@ def test_prepare_killed_after_a_checkpoint_resumes_there(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_peak_memory_flat_at_10x_input(tmp_path: Path) -> None:
-    """The quickstart data once and ten times over: the driver's own (anonymous) memory and
-    the workers' memory may grow by at most 15% (they grew 1.5x before they were bounded)."""
+def test_peak_memory_flat_from_10x_to_100x_input(tmp_path: Path) -> None:
+    """The quickstart data 10 and 100 times over (54k and 537k records): the anonymous memory
+    of the driver, of the workers and of both together may grow by at most 15%.
+
+    From 10x, not 1x: 5k records end before the allocators' free lists, Ray's buffers and the
+    packing window have filled (1x -> 10x: +6 to +12% of driver memory that then stays flat),
+    and a test at the edge of its bound fails by chance. 10x -> 100x measured +6 to +9% on
+    2026-12-08. Per-record state in the driver is `test_driver_memory_flat_at_5m_records`'s.
+    """
     peaks = {}
-    for scale in (1, 10):
+    for scale in (10, 100):
         cfg = quickstart_config(tmp_path / f"x{scale}", scale)
         peaks[scale] = run_prepare(cfg, tmp_path / f"x{scale}.log")
         examples = sum(s["examples"] for s in manifest(cfg)["splits"].values())
         peaks[scale]["examples"] = examples
     print(json.dumps(peaks, indent=1))
-    assert peaks[10]["examples"] > 9.5 * peaks[1]["examples"]
-    for key in ("driver_anon_mib", "workers_mib", "total_mib"):
-        assert peaks[10][key] < 1.15 * peaks[1][key], (key, peaks)
+    assert peaks[100]["examples"] > 9.5 * peaks[10]["examples"]
+    # Anonymous memory: RSS also counts the pages of Ray's object store that a process has
+    # touched (in every process that maps them) and the memory-mapped spill, both page cache.
+    for key in ("driver_anon_mib", "workers_anon_mib", "total_anon_mib"):
+        assert peaks[100][key] < 1.15 * peaks[10][key], (key, peaks)
 
 
 def synthetic_config(tmp: Path, records: int) -> Path:
