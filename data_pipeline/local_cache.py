@@ -104,7 +104,12 @@ def _hold(dest: str) -> bool:
             except FileNotFoundError:  # the entry was renamed away since we looked
                 return False
             except PermissionError:  # another user's entry: read-only use, no stamp
-                fd = os.open(lock, os.O_RDONLY)
+                try:
+                    fd = os.open(lock, os.O_RDONLY)
+                except FileNotFoundError:
+                    # Their copy from before locks: used as it is, unheld. Nothing removes
+                    # it (removal takes an entry's lock), so it has nothing to guard against.
+                    return os.path.isdir(dest)
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a remover renames it
         if not _same_file(fd, lock):  # removed (or removed and filled again) meanwhile
             os.close(fd)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -207,3 +209,41 @@ def test_entries_are_listed_by_last_use_with_size_and_whether_in_use(tmp_path: P
     finally:
         holder.communicate("\n")
     assert [e.held for e in local_cache.entries(str(tmp_path))] == [False, False]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_another_users_copy_from_before_locks_is_used_read_only() -> None:
+    """A copy without `.ift-lock` (made before locks) in a folder this user cannot write: it is
+    used as it is, neither filled again nor locked (nobody can remove it). A real second user:
+    the child drops to `nobody` once its modules are imported."""
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's folders are private to root
+    try:
+        base = top / "cache"
+        (base / "m").mkdir(parents=True)
+        (base / "m" / "data.bin").write_bytes(b"m" * 10)
+        for path in (top, base, base / "m"):
+            path.chmod(0o755)  # readable by all, writable by root only
+        code = textwrap.dedent(
+            """
+            import os, sys
+            from data_pipeline import local_cache
+            os.setgid(65534)
+            os.setuid(65534)
+            def fill(tmp):
+                raise AssertionError("filled again")
+            path = local_cache.cached(sys.argv[1], "m", fill)
+            print(open(os.path.join(path, "data.bin")).read())
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(base)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout == "m" * 10 + "\n"
+        assert not (base / "m" / local_cache.LOCK).exists()
+    finally:
+        shutil.rmtree(top)
